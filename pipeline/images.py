@@ -1,0 +1,312 @@
+"""Pure image functions: validate, decode, orient, convert, resize and re-encode image bytes.
+
+This module owns the rules that turn untrusted image bytes into the 8-bit RGB JPEGs the rest of
+hubflow uses, and the `ImageError` categories reported for images that cannot be used. It imports
+Pillow only (no Beam, no TensorFlow), so every rule is unit-testable on its own.
+
+Decisions:
+  * Only JPEG (incl. MPO camera files), PNG, GIF, BMP, WebP and TIFF are opened; Pillow does not
+    probe other plugins (e.g. EPS, which would run Ghostscript).
+  * The pixel count is checked against ``max_pixels`` from the header, before any pixel data is
+    decoded. Pillow's global ``Image.MAX_IMAGE_PIXELS`` is not relied on, but Pillow still
+    refuses (and we report as ``too_large``) images above twice that global at open time.
+  * Only the first frame of animated or multi-page files is used.
+  * The EXIF (or XMP) orientation is applied and the re-encoded JPEG carries no EXIF, so decoding
+    it with TensorFlow (which ignores EXIF) gives the same pixels.
+  * Transparency is composited on white. ICC profiles are ignored (pixels are taken as sRGB).
+  * ``I;16*`` and ``I`` pixels are taken as 16-bit (0..65535 -> 0..255); ``F`` pixels as floats
+    in [0, 1]. Values outside the range are clipped. Colour-key transparency on these high
+    bit-depth modes is ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import logging
+import struct
+import sys
+
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_PIXELS = 89_478_485  # same as Pillow's default bomb threshold
+DEFAULT_JPEG_QUALITY = 95
+
+# ImageError categories.
+EMPTY_FILE = "empty_file"
+UNDECODABLE = "undecodable"
+TOO_LARGE = "too_large"
+
+SUPPORTED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF")
+
+_WHITE = (255, 255, 255)
+_ORIENTATION_TAG = 0x0112
+# Same mapping as ImageOps.exif_transpose.
+_ORIENTATION_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
+_SUPPORTED_MODES = _SIXTEEN_BIT_MODES | {
+    "1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "RGBa", "CMYK", "YCbCr", "LAB", "HSV", "F",
+}  # fmt: skip
+# JPEG DCT scaling (draft) keeps at least this factor above the target size; LANCZOS does the rest.
+_DRAFT_GAP = 2
+_REDUCING_GAP = 3.0
+# What Pillow may raise on malformed input, beyond OSError and SyntaxError.
+_DECODE_ERRORS = (
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    struct.error,
+    IndexError,
+    KeyError,
+    TypeError,
+    ZeroDivisionError,
+    OverflowError,
+)
+_LOAD_ERRORS = (Image.DecompressionBombError, *_DECODE_ERRORS)
+
+
+class ImageError(ValueError):
+    """An image that cannot be used.
+
+    Attributes:
+      category: a short code: ``empty_file``, ``undecodable`` or ``too_large``.
+      reason: a readable explanation (also ``str(error)``).
+    """
+
+    def __init__(self, category: str, reason: str) -> None:
+        super().__init__(reason)
+        self.category = category
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[type[ImageError], tuple[str, str]]:
+        return type(self), (self.category, self.reason)
+
+    def __repr__(self) -> str:
+        return f"ImageError({self.category!r}, {self.reason!r})"
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodedImage:
+    """A re-encoded RGB JPEG and its size in pixels."""
+
+    jpeg: bytes
+    height: int
+    width: int
+
+
+def sha256_hex(data: bytes) -> str:
+    """Returns the hex SHA-256 digest of `data` (used to find duplicate images)."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def validate(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """Checks that `data` is a usable image by decoding it (JPEGs at 1/8 scale, grayscale).
+
+    Args:
+      data: the encoded image file.
+      max_pixels: the largest accepted width * height, checked before decoding.
+
+    Returns:
+      (width, height) as stored, before EXIF orientation.
+
+    Raises:
+      ImageError: empty, too large, not a supported image, truncated or corrupt.
+      ValueError: `max_pixels` is not positive.
+    """
+    _check_positive("max_pixels", max_pixels)
+    image = _open(data, max_pixels)
+    size = image.size
+    try:
+        # No-op except for JPEG: DCT-scaled decode. The whole entropy-coded stream is still read,
+        # so truncation is still detected.
+        image.draft("L", (1, 1))
+        image.load()
+    except _LOAD_ERRORS as e:
+        raise _decode_error(image, e) from e
+    return size
+
+
+def decode_rgb(
+    data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int | None = None
+) -> Image.Image:
+    """Decodes the first frame of `data` to an upright 8-bit RGB image.
+
+    EXIF orientation is applied; transparency is composited on white; CMYK, palette, grayscale,
+    1-bit, 16-bit and float images are converted with their full range mapped to 0..255.
+
+    Args:
+      data: the encoded image file.
+      max_pixels: the largest accepted width * height, checked before decoding.
+      max_side: if given, downscale (keeping the aspect ratio, never upscaling) so that the longer
+        side is at most this many pixels.
+
+    Returns:
+      A loaded PIL image in mode "RGB".
+
+    Raises:
+      ImageError: empty, too large, not a supported image, truncated or corrupt.
+      ValueError: `max_pixels` or `max_side` is not positive.
+    """
+    _check_positive("max_pixels", max_pixels)
+    if max_side is not None:
+        _check_positive("max_side", max_side)
+    image = _open(data, max_pixels)
+    try:
+        target = None
+        if max_side is not None and max(image.size) > max_side:
+            target = _fit(image.size, max_side)
+            image.draft(None, (target[0] * _DRAFT_GAP, target[1] * _DRAFT_GAP))  # JPEG only
+        image.load()
+        transpose = _orientation_transpose(image)
+        rgb = _to_rgb(image)
+        if target is not None and rgb.size != target:
+            rgb = rgb.resize(target, Image.Resampling.LANCZOS, reducing_gap=_REDUCING_GAP)
+        if transpose is not None:
+            rgb = rgb.transpose(transpose)
+    except _LOAD_ERRORS as e:
+        raise _decode_error(image, e) from e
+    return rgb
+
+
+def encode_jpeg(image: Image.Image, quality: int = DEFAULT_JPEG_QUALITY) -> bytes:
+    """Encodes `image` as an RGB JPEG without EXIF (so its orientation is baked in).
+
+    Args:
+      image: an RGB image; other modes are converted as `decode_rgb` does (alpha on white).
+      quality: JPEG quality, 1..100.
+
+    Returns:
+      The JPEG file bytes.
+
+    Raises:
+      ValueError: `quality` is outside 1..100.
+    """
+    if not 1 <= quality <= 100:
+        raise ValueError(f"JPEG quality must be in 1..100, got {quality!r}")
+    if image.mode != "RGB":
+        image = _to_rgb(image)
+    buffer = io.BytesIO()
+    # Pillow copies a source JPEG's comment unless told otherwise; keep only pixels.
+    image.save(buffer, "JPEG", quality=quality, comment=b"")
+    return buffer.getvalue()
+
+
+def reencode(
+    data: bytes,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_side: int | None = None,
+    quality: int = DEFAULT_JPEG_QUALITY,
+) -> EncodedImage:
+    """Decodes `data` with `decode_rgb` and re-encodes it with `encode_jpeg`.
+
+    Returns:
+      The JPEG and the height and width of the re-encoded (upright, downscaled) image.
+
+    Raises:
+      ImageError: as `decode_rgb`.
+      ValueError: a non-positive limit or a quality outside 1..100.
+    """
+    image = decode_rgb(data, max_pixels=max_pixels, max_side=max_side)
+    return EncodedImage(jpeg=encode_jpeg(image, quality), height=image.height, width=image.width)
+
+
+def _check_positive(name: str, value: int) -> None:
+    if value < 1:
+        raise ValueError(f"{name} must be a positive number of pixels, got {value!r}")
+
+
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    """Opens `data` lazily (header only) and checks its size and pixel mode."""
+    if not data:
+        raise ImageError(EMPTY_FILE, "zero-byte file")
+    try:
+        image = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
+    except Image.UnidentifiedImageError as e:
+        raise ImageError(
+            UNDECODABLE,
+            f"not a recognised image ({len(data)} bytes; supported formats: "
+            f"{', '.join(SUPPORTED_FORMATS)})",
+        ) from e
+    except Image.DecompressionBombError as e:
+        raise ImageError(TOO_LARGE, f"decompression bomb: {e}") from e
+    except _DECODE_ERRORS as e:
+        raise ImageError(UNDECODABLE, f"corrupt image header: {e}") from e
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageError(
+            TOO_LARGE,
+            f"{image.format} image of {width}x{height} = {width * height:,} pixels exceeds the "
+            f"limit of {max_pixels:,} pixels (decompression-bomb guard)",
+        )
+    if image.mode not in _SUPPORTED_MODES:
+        raise ImageError(UNDECODABLE, f"unsupported pixel mode {image.mode} ({image.format})")
+    return image
+
+
+def _decode_error(image: Image.Image, error: Exception) -> ImageError:
+    """Wraps an exception raised while decoding pixel data of `image`."""
+    if isinstance(error, Image.DecompressionBombError):  # e.g. a later frame's header
+        return ImageError(TOO_LARGE, f"decompression bomb ({image.format}): {error}")
+    return ImageError(UNDECODABLE, f"truncated or corrupt image data ({image.format}): {error}")
+
+
+def _fit(size: tuple[int, int], max_side: int) -> tuple[int, int]:
+    """The size with the longer side equal to `max_side`, keeping the aspect ratio."""
+    width, height = size
+    if width >= height:
+        return max_side, max(1, round(height * max_side / width))
+    return max(1, round(width * max_side / height)), max_side
+
+
+def _orientation_transpose(image: Image.Image) -> Image.Transpose | None:
+    """The transposition that makes `image` upright, from its EXIF (or XMP) orientation."""
+    try:
+        return _ORIENTATION_TRANSPOSE.get(image.getexif().get(_ORIENTATION_TAG))
+    except _DECODE_ERRORS as e:
+        # Malformed metadata does not make the pixels unusable.
+        logger.debug("Ignoring unreadable EXIF in a %s image: %s", image.format, e)
+        return None
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Converts a loaded image of any supported mode to 8-bit RGB, compositing alpha on white."""
+    mode = image.mode
+    if mode == "F" or mode in _SIXTEEN_BIT_MODES:
+        return _to_8bit_gray(image).convert("RGB")
+    keyed = image.info.get("transparency") is not None
+    if mode == "RGB" and not keyed:
+        return image
+    if mode == "P" and not keyed and image.palette is not None and image.palette.mode == "RGB":
+        return image.convert("RGB")
+    if keyed or mode in ("P", "PA", "RGBa"):
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA"):
+        composite = Image.new("RGB", image.size, _WHITE)
+        composite.paste(image, mask=image)
+        return composite
+    return image.convert("RGB")
+
+
+def _to_8bit_gray(image: Image.Image) -> Image.Image:
+    """Scales a 16-bit integer or float grayscale image to mode "L" (rounded, clipped)."""
+    if image.mode == "F":
+        return image.point(lambda v: v * 255.0 + 0.5).convert("L")
+    if image.mode == "I;16N":  # native byte order; Pillow converts it to "I" lossily
+        native = "I;16" if sys.byteorder == "little" else "I;16B"
+        image = Image.frombytes(native, image.size, image.tobytes())
+    if image.mode != "I":
+        image = image.convert("I")
+    return image.point(lambda v: v * (1 / 257) + 0.5).convert("L")

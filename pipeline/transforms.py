@@ -1,0 +1,331 @@
+"""DoFns and composite PTransforms of the preprocessing job.
+
+The job runs in three passes so that nothing image-sized is ever held for a global step:
+
+1. ``ReadRows``: label CSVs / image dirs -> rows (parse errors to the dead letter), reshuffled
+   so the image work spreads over workers.
+2. ``HashAndValidate`` + ``ResolveDuplicates``: read each image once to hash and fully decode
+   it, then group rows by content hash: duplicates are counted, conflicting labels rejected,
+   and the split is fixed from the hash. Only small row records cross this shuffle.
+3. ``EncodeAndEmbed``: read the unique images again, re-encode them as JPEG and embed the
+   stored JPEG with RunInference; examples stream straight into the TFRecord writers.
+
+The label vocabulary is known after pass 2, so pass 3 never waits on a global result.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Iterator
+from typing import NamedTuple
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.ml.inference.base import KeyedModelHandler, PredictionResult, RunInference
+from apache_beam.pvalue import TaggedOutput
+
+from pipeline import csv_rows, images
+from pipeline.inference import ImageEmbeddingModelHandler
+from pipeline.progress import Progress
+from pipeline.records import ErrorRecord, Row
+from schemas import csv_format, features
+from schemas.backbones import BackboneSpec
+
+_LOGGER = logging.getLogger(__name__)
+METRICS_NAMESPACE = "hubflow"
+
+ERRORS = "errors"
+DUPLICATES = "duplicates"
+WRITTEN = "written"
+EMBEDDINGS = "embeddings"
+
+SOURCE_CSV = "csv"
+SOURCE_IMAGE_DIR = "image_dir"
+
+
+class Accepted(NamedTuple):
+    """A row whose image is readable, decodable and unique, with its split decided."""
+
+    sha256: str
+    row: Row
+    split: str
+
+
+class Encoded(NamedTuple):
+    """Metadata of a re-encoded image (the JPEG bytes travel beside it into RunInference)."""
+
+    accepted: Accepted
+    height: int
+    width: int
+
+
+def assign_split(sha256: str, eval_fraction: float, test_fraction: float) -> str:
+    """Deterministic split from a content hash: identical bytes always land in the same split."""
+    bucket = int(sha256[:16], 16) / float(1 << 64)
+    if bucket < test_fraction:
+        return csv_format.TEST
+    if bucket < test_fraction + eval_fraction:
+        return csv_format.EVAL
+    return csv_format.TRAIN
+
+
+def _counter(name: str):
+    return beam.metrics.Metrics.counter(METRICS_NAMESPACE, name)
+
+
+def _rejected(error: ErrorRecord) -> TaggedOutput:
+    _counter(f"rows_rejected_{error.category}").inc()
+    return TaggedOutput(ERRORS, error)
+
+
+def _read_image_bytes(uri: str) -> bytes:
+    with FileSystems.open(uri, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        return f.read()
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+class ParseRowsFn(beam.DoFn):
+    """Parses one label CSV or lists one image dir into rows; bad rows go to ``errors``."""
+
+    def __init__(self, label_dict: list[str] | None = None):
+        self._label_dict = label_dict
+        self._known: frozenset[str] | None = None
+        self._read = _counter("rows_read")
+
+    def setup(self):
+        self._known = frozenset(self._label_dict) if self._label_dict is not None else None
+
+    def process(self, source: tuple[str, str]) -> Iterator:
+        kind, path = source
+        try:
+            items = list(
+                csv_rows.read_csv(path) if kind == SOURCE_CSV else csv_rows.list_image_dir(path)
+            )
+        except Exception as e:  # noqa: BLE001 - the source vanished after launch: report it
+            items = [
+                ErrorRecord(path, 0, "", "", "parse", f"cannot read: {_one_line(e)}", "unreadable")
+            ]
+        for item in items:
+            self._read.inc()
+            if isinstance(item, ErrorRecord):
+                yield _rejected(item)
+            elif self._known is not None and item.label not in self._known:
+                yield _rejected(
+                    ErrorRecord.for_row(
+                        item,
+                        "parse",
+                        "unknown_label",
+                        f"label {item.label!r} is not in --label_dict",
+                    )
+                )
+            else:
+                yield item
+
+
+class ReadRows(beam.PTransform):
+    """Label CSVs and/or image dirs -> reshuffled :class:`Row` s (+ ``errors``)."""
+
+    def __init__(self, csv_paths: list[str], image_dirs: list[str], label_dict=None):
+        super().__init__()
+        self._sources = [(SOURCE_CSV, p) for p in csv_paths] + [
+            (SOURCE_IMAGE_DIR, d) for d in image_dirs
+        ]
+        self._label_dict = label_dict
+
+    def expand(self, pbegin):
+        parsed = (
+            pbegin
+            | "Sources" >> beam.Create(self._sources)
+            | "Parse" >> beam.ParDo(ParseRowsFn(self._label_dict)).with_outputs(ERRORS, main="rows")
+        )
+        # A small CSV fans out to heavy image reads: break fusion so they spread over workers.
+        rows = parsed.rows | "Reshuffle" >> beam.Reshuffle()
+        return rows, parsed[ERRORS]
+
+
+class HashAndValidateFn(beam.DoFn):
+    """Reads a row's image, hashes it and checks that it decodes: ``(sha256, row)``."""
+
+    def __init__(self, max_pixels: int):
+        self._max_pixels = max_pixels
+        self._progress = Progress("checked images")
+
+    def process(self, row: Row, total: int | None = None) -> Iterator:
+        self._progress.update(total=total)
+        try:
+            data = _read_image_bytes(row.uri)
+        except Exception as e:  # noqa: BLE001 - any filesystem failure rejects this row
+            yield _rejected(ErrorRecord.for_row(row, "read", "unreadable", _one_line(e)))
+            return
+        try:
+            images.validate(data, self._max_pixels)
+        except images.ImageError as e:
+            yield _rejected(ErrorRecord.for_row(row, "decode", e.category, str(e)))
+            return
+        yield images.sha256_hex(data), row
+
+
+class ResolveDuplicatesFn(beam.DoFn):
+    """One group of rows with identical image bytes -> one :class:`Accepted` row.
+
+    Same label everywhere: the first row (by source, line) is kept, the rest are ``duplicates``.
+    Different labels: every row of the group is rejected as ``conflicting_labels``.
+    """
+
+    def __init__(self, eval_fraction: float, test_fraction: float):
+        self._eval_fraction = eval_fraction
+        self._test_fraction = test_fraction
+
+    def process(self, element: tuple[str, Iterable[Row]]) -> Iterator:
+        sha256, group = element
+        rows = sorted(group, key=lambda r: (r.source, r.line, r.uri))
+        labels = {r.label for r in rows}
+        if len(labels) > 1:
+            for row in rows:
+                others = [
+                    f"{r.label!r} ({r.source}:{r.line})" for r in rows if r.label != row.label
+                ]
+                reason = (
+                    f"conflicting labels: the same image content (sha256 {sha256[:12]}) is also "
+                    f"labeled {', '.join(others[:5])}{' …' if len(others) > 5 else ''}; "
+                    "none of these rows is written"
+                )
+                yield _rejected(ErrorRecord.for_row(row, "dedupe", "conflicting_labels", reason))
+            return
+        for row in rows[1:]:
+            _counter("rows_duplicate").inc()
+            yield TaggedOutput(DUPLICATES, row)
+        split = next((r.split for r in rows if r.split), None) or assign_split(
+            sha256, self._eval_fraction, self._test_fraction
+        )
+        yield Accepted(sha256, rows[0], split)
+
+
+class EncodeFn(beam.DoFn):
+    """Reads an accepted image again and re-encodes it: ``(Encoded, jpeg_bytes)``."""
+
+    def __init__(self, max_pixels: int, max_side: int | None, quality: int):
+        self._max_pixels = max_pixels
+        self._max_side = max_side
+        self._quality = quality
+
+    def process(self, accepted: Accepted) -> Iterator:
+        row = accepted.row
+        try:
+            data = _read_image_bytes(row.uri)
+        except Exception as e:  # noqa: BLE001
+            yield _rejected(ErrorRecord.for_row(row, "read", "unreadable", _one_line(e)))
+            return
+        if images.sha256_hex(data) != accepted.sha256:
+            yield _rejected(
+                ErrorRecord.for_row(
+                    row, "read", "file_changed", "the file changed while the job was running"
+                )
+            )
+            return
+        try:
+            encoded = images.reencode(
+                data, max_pixels=self._max_pixels, max_side=self._max_side, quality=self._quality
+            )
+        except images.ImageError as e:
+            yield _rejected(ErrorRecord.for_row(row, "decode", e.category, str(e)))
+            return
+        yield Encoded(accepted, encoded.height, encoded.width), encoded.jpeg
+
+
+class ToExampleFn(beam.DoFn):
+    """Embedded image -> serialized TFExample, tagged with its split."""
+
+    def __init__(self):
+        self._index: dict[str, int] | None = None
+        self._progress = Progress("embedded images")
+
+    def process(
+        self,
+        element: tuple[Encoded, PredictionResult],
+        labels: list[str],
+        total: int | None = None,
+    ) -> Iterator:
+        if self._index is None:
+            self._index = {label: i for i, label in enumerate(labels)}
+        encoded, result = element
+        accepted = encoded.accepted
+        row = accepted.row
+        embedding = np.asarray(result.inference, dtype=np.float32)
+        if not np.all(np.isfinite(embedding)):
+            yield _rejected(
+                ErrorRecord.for_row(
+                    row, "embed", "embed_failed", "the backbone returned non-finite features"
+                )
+            )
+            return
+        self._progress.update(total=total)
+        example = features.make_example(
+            jpeg=result.example,
+            height=encoded.height,
+            width=encoded.width,
+            source=row.uri,
+            sha256=accepted.sha256,
+            label=self._index[row.label],
+            label_text=row.label,
+            embedding=embedding,
+        )
+        _counter("rows_written").inc()
+        yield TaggedOutput(accepted.split, example.SerializeToString())
+        yield TaggedOutput(WRITTEN, (accepted.split, row.label))
+        yield TaggedOutput(EMBEDDINGS, {features.EMBEDDING: embedding})
+
+
+def _failed_batch_errors(element) -> Iterator[ErrorRecord]:
+    batch, exception = element
+    for key, _ in batch:
+        yield ErrorRecord.for_row(
+            key.accepted.row, "embed", "embed_failed", f"backbone failed: {_one_line(exception)}"
+        )
+
+
+class EncodeAndEmbed(beam.PTransform):
+    """Accepted rows -> per-split serialized examples, ``written`` events, raw embeddings."""
+
+    def __init__(
+        self,
+        spec: BackboneSpec,
+        batch_size: int,
+        max_pixels: int,
+        max_side: int | None,
+        quality: int,
+        labels,
+        total,
+    ):
+        super().__init__()
+        self._spec = spec
+        self._batch_size = batch_size
+        self._encode = EncodeFn(max_pixels, max_side, quality)
+        self._labels = labels
+        self._total = total
+
+    def expand(self, accepted):
+        encoded = accepted | "Encode" >> beam.ParDo(self._encode).with_outputs(ERRORS, main="ok")
+        handler = KeyedModelHandler(ImageEmbeddingModelHandler(self._spec, self._batch_size))
+        embedded, failed = encoded.ok | "Embed" >> RunInference(handler).with_exception_handling()
+        embed_errors = failed.failed_inferences | "FailedBatches" >> beam.FlatMap(
+            _failed_batch_errors
+        )
+        out = embedded | "ToExample" >> beam.ParDo(
+            ToExampleFn(),
+            labels=beam.pvalue.AsSingleton(self._labels),
+            total=beam.pvalue.AsSingleton(self._total),
+        ).with_outputs(ERRORS, WRITTEN, EMBEDDINGS, *csv_format.SPLITS)
+        errors = (encoded[ERRORS], embed_errors, out[ERRORS]) | "EmbedErrors" >> beam.Flatten()
+        return out, errors
+
+
+def error_to_json(error: ErrorRecord) -> str:
+    return json.dumps(error._asdict(), ensure_ascii=False, sort_keys=False)

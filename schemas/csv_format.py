@@ -1,0 +1,20 @@
+"""The label-CSV format and the error-record layout.
+
+A label CSV holds rows ``image_uri,label``. An optional header row names the columns; with a
+header, a third column ``split`` may pin a row to one split, overriding the hashed assignment.
+"""
+
+from __future__ import annotations
+
+URI_COLUMN = "image_uri"
+LABEL_COLUMN = "label"
+SPLIT_COLUMN = "split"
+COLUMNS = (URI_COLUMN, LABEL_COLUMN, SPLIT_COLUMN)
+
+TRAIN = "train"
+EVAL = "eval"
+TEST = "test"
+SPLITS = (TRAIN, EVAL, TEST)
+
+# Fields of one error record (one JSON object per line in ``errors-*.jsonl``).
+ERROR_FIELDS = ("csv", "line", "row", "uri", "stage", "reason", "category")

@@ -1,0 +1,119 @@
+"""Feature keys and the TFExample layout of hubflow's TFRecords.
+
+Keys follow the TensorFlow object-detection API naming. The parse spec, the
+``tensorflow_metadata`` schema and the example builder below are all derived from the one
+table of keys, so the writer (``pipeline/``) and the readers (``training/``) cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import tensorflow as tf
+
+IMAGE_ENCODED = "image/encoded"
+IMAGE_FORMAT = "image/format"
+IMAGE_HEIGHT = "image/height"
+IMAGE_WIDTH = "image/width"
+IMAGE_SOURCE = "image/source"
+IMAGE_SHA256 = "image/sha256"
+LABEL = "label"
+LABEL_TEXT = "label/text"
+EMBEDDING = "embedding"
+
+IMAGE_FORMAT_JPEG = b"jpeg"
+
+# TFRecord files: GZIP-compressed, one file-name prefix per split.
+TFRECORD_SUFFIX = ".tfrecord.gz"
+TFRECORD_COMPRESSION = "GZIP"
+
+_BYTES_KEYS = (IMAGE_ENCODED, IMAGE_FORMAT, IMAGE_SOURCE, IMAGE_SHA256, LABEL_TEXT)
+_INT_KEYS = (IMAGE_HEIGHT, IMAGE_WIDTH, LABEL)
+ALL_KEYS = _BYTES_KEYS + _INT_KEYS + (EMBEDDING,)
+
+
+def tfrecord_pattern(split: str) -> str:
+    """File-name glob (relative to the output dir) of one split's shards."""
+    return f"{split}-*{TFRECORD_SUFFIX}"
+
+
+def feature_spec(embedding_dim: int) -> dict[str, tf.io.FixedLenFeature]:
+    """The parse spec of one hubflow TFExample.
+
+    Args:
+      embedding_dim: length of the backbone's feature vector (from the manifest).
+    """
+    if embedding_dim <= 0:
+        raise ValueError(f"embedding_dim must be positive, got {embedding_dim}")
+    spec: dict[str, tf.io.FixedLenFeature] = {}
+    for key in _BYTES_KEYS:
+        spec[key] = tf.io.FixedLenFeature([], tf.string)
+    for key in _INT_KEYS:
+        spec[key] = tf.io.FixedLenFeature([], tf.int64)
+    spec[EMBEDDING] = tf.io.FixedLenFeature([embedding_dim], tf.float32)
+    return spec
+
+
+def transform_feature_spec(embedding_dim: int) -> dict[str, tf.io.FixedLenFeature]:
+    """The raw-feature spec tf.Transform analyses: the embedding alone.
+
+    Serving feeds only the embedding through the transform graph, so it is the only input.
+    """
+    return {EMBEDDING: feature_spec(embedding_dim)[EMBEDDING]}
+
+
+def metadata_schema(embedding_dim: int):
+    """The ``tensorflow_metadata`` Schema proto of the TFRecords."""
+    from tensorflow_transform.tf_metadata import schema_utils
+
+    return schema_utils.schema_from_feature_spec(feature_spec(embedding_dim))
+
+
+def _bytes(value: bytes) -> tf.train.Feature:
+    return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+
+
+def _int(value: int) -> tf.train.Feature:
+    return tf.train.Feature(int64_list=tf.train.Int64List(value=[value]))
+
+
+def make_example(
+    *,
+    jpeg: bytes,
+    height: int,
+    width: int,
+    source: str,
+    sha256: str,
+    label: int,
+    label_text: str,
+    embedding,
+) -> tf.train.Example:
+    """Builds one TFExample in hubflow's layout."""
+    features: Mapping[str, tf.train.Feature] = {
+        IMAGE_ENCODED: _bytes(jpeg),
+        IMAGE_FORMAT: _bytes(IMAGE_FORMAT_JPEG),
+        IMAGE_HEIGHT: _int(height),
+        IMAGE_WIDTH: _int(width),
+        IMAGE_SOURCE: _bytes(source.encode("utf-8")),
+        IMAGE_SHA256: _bytes(sha256.encode("ascii")),
+        LABEL: _int(label),
+        LABEL_TEXT: _bytes(label_text.encode("utf-8")),
+        EMBEDDING: tf.train.Feature(
+            float_list=tf.train.FloatList(value=list(map(float, embedding)))
+        ),
+    }
+    return tf.train.Example(features=tf.train.Features(feature=features))
+
+
+def parse_examples(serialized: tf.Tensor, embedding_dim: int) -> dict[str, tf.Tensor]:
+    """Parses a batch of serialized examples with :func:`feature_spec`."""
+    return tf.io.parse_example(serialized, feature_spec(embedding_dim))
+
+
+def read_dataset(file_pattern: str | list[str], embedding_dim: int) -> tf.data.Dataset:
+    """Reads one split's GZIP TFRecords back as a dataset of parsed feature dicts."""
+    files = tf.io.gfile.glob(file_pattern) if isinstance(file_pattern, str) else file_pattern
+    spec = feature_spec(embedding_dim)
+    return tf.data.TFRecordDataset(sorted(files), compression_type=TFRECORD_COMPRESSION).map(
+        lambda record: tf.io.parse_single_example(record, spec)
+    )

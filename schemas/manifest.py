@@ -1,0 +1,105 @@
+"""The dataset manifest: ``manifest.json`` in every preprocess output dir.
+
+The trainer takes labels, backbone and embedding size from here, never from repeated flags.
+``SCHEMA_VERSION`` changes whenever the TFRecord layout or this file changes incompatibly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import tensorflow as tf
+
+from schemas import csv_format
+from schemas.backbones import BackboneSpec
+
+SCHEMA_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+LABELS_FILE = "labels.txt"
+ERRORS_PREFIX = "errors"
+ERRORS_SUFFIX = ".jsonl"
+TRANSFORM_FN_DIR = "transform_fn"
+TRANSFORMED_METADATA_DIR = "transformed_metadata"
+
+
+@dataclasses.dataclass
+class RowCounts:
+    """What became of the input rows; ``read == written + duplicates + rejected``."""
+
+    read: int = 0
+    written: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+
+    def balanced(self) -> bool:
+        return self.read == self.written + self.duplicates + self.rejected
+
+
+@dataclasses.dataclass
+class Manifest:
+    """Everything a consumer needs to know about one preprocessed dataset."""
+
+    labels: list[str]
+    backbone: BackboneSpec
+    splits: dict[str, dict[str, Any]]
+    rows: RowCounts
+    rejected_by_reason: dict[str, int]
+    options: dict[str, Any]
+    versions: dict[str, str]
+    created: str
+    schema_version: int = SCHEMA_VERSION
+
+    def split_count(self, split: str) -> int:
+        return int(self.splits.get(split, {}).get("count", 0))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema_version": self.schema_version,
+            "labels": list(self.labels),
+            "backbone": self.backbone.to_json(),
+            "splits": self.splits,
+            "rows": dataclasses.asdict(self.rows),
+            "rejected_by_reason": self.rejected_by_reason,
+            "options": self.options,
+            "versions": self.versions,
+            "created": self.created,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Manifest:
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise ValueError(
+                f"manifest schema_version {version!r} is not supported (expected {SCHEMA_VERSION}); "
+                "rerun hubflow-preprocess with this version of hubflow"
+            )
+        return cls(
+            labels=list(data["labels"]),
+            backbone=BackboneSpec.from_json(data["backbone"]),
+            splits=data["splits"],
+            rows=RowCounts(**data["rows"]),
+            rejected_by_reason=data.get("rejected_by_reason", {}),
+            options=data.get("options", {}),
+            versions=data.get("versions", {}),
+            created=data.get("created", ""),
+        )
+
+
+def empty_splits(labels: list[str]) -> dict[str, dict[str, Any]]:
+    """Split table with zero counts for every split and label."""
+    return {s: {"count": 0, "labels": {label: 0 for label in labels}} for s in csv_format.SPLITS}
+
+
+def manifest_path(data_dir: str) -> str:
+    return f"{data_dir.rstrip('/')}/{MANIFEST_FILE}"
+
+
+def read_manifest(data_dir: str) -> Manifest:
+    """Reads and validates ``manifest.json`` from a preprocess output dir (local or gs://)."""
+    path = manifest_path(data_dir)
+    if not tf.io.gfile.exists(path):
+        raise ValueError(f"{path} not found: is {data_dir} a hubflow-preprocess output dir?")
+    with tf.io.gfile.GFile(path, "r") as f:
+        return Manifest.from_json(json.load(f))

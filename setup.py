@@ -1,0 +1,37 @@
+"""Distribution `hubflow`: the Beam preprocessing job, the trainer and their shared schemas.
+
+This same file is what Dataflow workers install through `--setup_file ./setup.py`.
+"""
+
+import setuptools
+
+REQUIRED = [
+    "apache-beam[gcp]>=2.77,<2.78",
+    "tensorflow>=2.21,<2.22",
+    "tf-keras>=2.21,<2.22",
+    "tensorflow-hub>=0.16.1,<0.17",
+    "tensorflow-transform>=1.21,<1.22",
+    "tensorboard>=2.21,<2.22",
+    "pillow>=11,<13",
+    "numpy>=1.26",
+    "protobuf>=4.21,<7",
+]
+
+setuptools.setup(
+    name="hubflow",
+    version="0.1.0",
+    description="Labeled images -> frozen TF-Hub embeddings -> a deployed image classifier.",
+    python_requires=">=3.11,<3.12",
+    packages=setuptools.find_packages(
+        include=["pipeline", "pipeline.*", "schemas", "schemas.*", "training", "training.*"]
+    ),
+    install_requires=REQUIRED,
+    extras_require={
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6"],
+    },
+    entry_points={
+        "console_scripts": [
+            "hubflow-preprocess=pipeline.preprocess:main",
+        ],
+    },
+)

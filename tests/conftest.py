@@ -1,0 +1,55 @@
+"""Shared fixtures: a tiny Hub-format backbone and generated labeled images, all offline."""
+
+from __future__ import annotations
+
+import io
+import os
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+TINY_SIZE = 32
+TINY_DIM = 16
+
+# Class colours for generated "photos": separable by colour, with texture noise.
+CLASS_COLOURS = {"daisy": (230, 220, 60), "rose": (200, 30, 40), "tulip": (60, 70, 200)}
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone(tmp_path_factory) -> str:
+    """A tiny Hub-format feature-vector SavedModel (a tf_keras conv net, tf.saved_model.save)."""
+    from pipeline.sample import save_standin_backbone
+
+    return save_standin_backbone(
+        str(tmp_path_factory.mktemp("backbone") / "tiny"), TINY_SIZE, TINY_DIM
+    )
+
+
+def photo(colour, size=(48, 40), seed=0, fmt="JPEG", mode="RGB") -> bytes:
+    """A noisy image of one dominant colour, encoded in ``fmt``."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    base = np.array(colour, dtype=np.float32)[None, None, :]
+    pixels = np.clip(base + rng.normal(0, 25, (h, w, 3)), 0, 255).astype(np.uint8)
+    image = Image.fromarray(pixels, "RGB").convert(mode)
+    buf = io.BytesIO()
+    image.save(buf, fmt)
+    return buf.getvalue()
+
+
+def write_dataset(root, per_class: int = 12, labels=None) -> dict[str, list[str]]:
+    """Writes ``root/<label>/<label>_<i>.jpg`` noisy colour photos; returns label -> relative paths."""
+    files: dict[str, list[str]] = {}
+    for k, label in enumerate(labels or CLASS_COLOURS):
+        folder = root / label
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            rel = f"{label}/{label}_{i}.jpg"
+            size = (48 + 4 * (i % 3), 40 + 2 * (i % 4))
+            (root / rel).write_bytes(photo(CLASS_COLOURS[label], size, seed=1000 * k + i))
+            files.setdefault(label, []).append(rel)
+    return files
