@@ -21,15 +21,14 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.runner import PipelineResult
 
+from pipeline import analyze, csv_rows, images, transforms
 from pipeline import backbone as backbone_lib
-from pipeline import csv_rows, images, transforms
 from schemas import csv_format, features
 from schemas import manifest as manifest_lib
 from schemas.backbones import BackboneSpec
 
 _LOGGER = logging.getLogger(__name__)
 PROG = "hubflow-preprocess"
-_TFT_TEMP_DIR = ".tft_tmp"
 _VERSIONED_PACKAGES = (
     "hubflow",
     "apache-beam",
@@ -182,12 +181,11 @@ def _existing_outputs(output_dir: str) -> list[str]:
     found = []
     for result in FileSystems.match(patterns):
         found += [m.path for m in result.metadata_list]
-    for name in (
-        manifest_lib.TRANSFORM_FN_DIR,
-        manifest_lib.TRANSFORMED_METADATA_DIR,
-        _TFT_TEMP_DIR,
+    for path in (
+        FileSystems.join(output_dir, manifest_lib.TRANSFORM_FN_DIR),
+        FileSystems.join(output_dir, manifest_lib.TRANSFORMED_METADATA_DIR),
+        analyze.tft_temp_dir(output_dir),
     ):
-        path = FileSystems.join(output_dir, name)
         if FileSystems.exists(path):
             found.append(path)
     return found
@@ -286,13 +284,6 @@ def _versions() -> dict[str, str]:
     return versions
 
 
-def preprocessing_fn(inputs):
-    """tf.Transform: per-dimension z-score of the embedding (mean/variance over the dataset)."""
-    import tensorflow_transform as tft
-
-    return {features.EMBEDDING: tft.scale_to_z_score(inputs[features.EMBEDDING], elementwise=True)}
-
-
 class WriteManifestFn(beam.DoFn):
     """Checks the row accounting and writes ``manifest.json`` and ``labels.txt`` last."""
 
@@ -345,9 +336,6 @@ class WriteManifestFn(beam.DoFn):
 
 def build_pipeline(p: beam.Pipeline, config: Config) -> None:
     """Adds the whole job to ``p``."""
-    import tensorflow_transform.beam as tft_beam
-    from tensorflow_transform.tf_metadata import dataset_metadata, schema_utils
-
     out = config.output_dir
     rows, parse_errors = p | "ReadRows" >> transforms.ReadRows(
         config.csv_paths, config.image_dirs, config.label_dict
@@ -372,9 +360,7 @@ def build_pipeline(p: beam.Pipeline, config: Config) -> None:
         labels = (
             accepted
             | "Labels" >> beam.Map(lambda a: a.row.label)
-            | "DistinctLabels" >> beam.Distinct()
-            | "CollectLabels" >> beam.combiners.ToList()
-            | "SortLabels" >> beam.Map(sorted)
+            | "LabelVocabulary" >> analyze.LabelVocabulary(analyze.tft_temp_dir(out))
         )
     total_accepted = accepted | "CountAccepted" >> beam.combiners.Count.Globally()
     embedded, embed_errors = accepted | "EncodeAndEmbed" >> transforms.EncodeAndEmbed(
@@ -413,17 +399,11 @@ def build_pipeline(p: beam.Pipeline, config: Config) -> None:
         )
     )
 
-    raw_metadata = dataset_metadata.DatasetMetadata(
-        schema_utils.schema_from_feature_spec(
-            features.transform_feature_spec(config.backbone.embedding_dim)
-        )
+    written_files.append(
+        embedded[transforms.EMBEDDINGS]
+        | "EmbeddingStatistics"
+        >> analyze.AnalyzeAndWriteTransformFn(out, config.backbone.embedding_dim)
     )
-    with tft_beam.Context(temp_dir=FileSystems.join(out, _TFT_TEMP_DIR)):
-        transform_fn = (
-            embedded[transforms.EMBEDDINGS],
-            raw_metadata,
-        ) | "AnalyzeEmbeddings" >> tft_beam.AnalyzeDataset(preprocessing_fn)
-        written_files.append(transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(out))
 
     events = (
         rows | "ReadEvents" >> beam.Map(lambda _: ("read",)),
@@ -472,7 +452,7 @@ def run_config(config: Config, beam_args: Sequence[str], test_pipeline=None) -> 
 
 
 def _cleanup(output_dir: str) -> None:
-    temp = FileSystems.join(output_dir, _TFT_TEMP_DIR)
+    temp = analyze.tft_temp_dir(output_dir)
     if FileSystems.exists(temp):
         FileSystems.delete([temp])
 

@@ -36,6 +36,12 @@ class Progress:
         now = time.monotonic()
         if self._start is None:
             self._start = self._last = now
+            _LOGGER.info(
+                "%s: started%s [pid %d]",
+                self._what,
+                f", {total} to do" if total else "",
+                os.getpid(),
+            )
         self._count += n
         if now - self._last < self._interval:
             return

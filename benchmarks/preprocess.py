@@ -1,0 +1,727 @@
+"""Throughput and memory benchmark of the preprocessing job (``python -m pipeline.preprocess``).
+
+Usage::
+
+    python benchmarks/preprocess.py [--sizes 1000,4000] [--work_dir DIR]
+                                    [--batch_sizes 8,16,32,64] [--backbone PATH]
+
+Method (one run prints every figure):
+
+1. **Backbone.** Unless ``--backbone`` names another SavedModel / Hub handle, a realistic offline
+   backbone is built once and cached in ``--work_dir``: ``tf_keras.applications.MobileNetV2``
+   (224x224, no top, average pooling; the architecture and compute of the
+   ``mobilenet_v2_100_224`` preset) with random weights, since there is no network, wrapped in a
+   tf_keras model that takes RGB in [0, 1] and scales it to [-1, 1] itself, saved with
+   ``tf.saved_model.save``: a valid TF-Hub feature-vector module returning ``[N, 1280]``.
+2. **Images.** Synthetic photo-sized JPEGs (about 500x375, sizes varying a little, a few
+   portrait; smooth multi-scale colour textures plus sensor-like noise, so files are 30-60 KB like
+   real photos; four classes) are generated in parallel for the largest N and cached. Each N gets
+   its own label CSV naming the first N images.
+3. **Raw backbone throughput.** The backbone is loaded with ``pipeline.backbone.load`` (the loader
+   the job uses) and called inside a ``tf.function`` on pre-made float32 ``[B, S, S, 3]`` tensors
+   in [0, 1], i.e. already decoded and resized: the model alone. After a warm-up, batches are
+   timed for ``--seconds`` per batch size; the best batch size is the reference ("raw best").
+4. **Stage costs.** To explain the end-to-end figure, the job's per-image work is timed on its own
+   on a sample of the images: read + sha256 + Pillow validation, Pillow re-encode (JPEG q95), and
+   the job's embed function (TF decode + resize + model, as ``pipeline.inference`` compiles it).
+   On the DirectRunner's default in-process mode these run one after another, so the sum gives a
+   modelled serial rate to compare the measured one with.
+5. **End to end.** For a tiny N (``--startup_n``, default 20) and then each N, the real job runs in
+   a subprocess (``python -m pipeline.preprocess ... --batch_size <best> --overwrite``, default
+   DirectRunner) and is timed by wall clock. Memory is measured two ways: a sampler thread sums
+   ``VmRSS`` over the job's whole process tree every 0.2 s (peak tree RSS), and ``os.wait4``
+   returns the kernel's peak RSS of the largest single process (``ru_maxrss``). The job's
+   ``manifest.json`` must report ``rows.written == N`` and nothing rejected, or the benchmark
+   fails. Reported: images/s end to end (N / wall); the steady rate with the job's fixed start-up
+   cost removed, estimated from the tiny run as ``(N - n0) / (wall(N) - wall(n0))``; both as a
+   ratio of raw best (target >= 0.8); peak RSS per N and ``RSS(largest) / RSS(smallest)``
+   (target: about 1, memory must not grow with N).
+
+All figures are printed as a table and written to ``<work_dir>/preprocess_benchmark.json``.
+Timings are wall-clock on whatever else the machine is doing; the load average is recorded
+before each timed step so noisy runs can be spotted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import multiprocessing
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+# As the job's package does: Keras 2 for tf_keras / Hub models, before TensorFlow is imported
+# (TensorFlow is only imported inside functions here).
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+CLASSES = ("daisy", "dandelion", "rose", "tulip")
+# A colour tint per class so the classes differ a little, as real ones do.
+CLASS_TINTS = {
+    "daisy": (40.0, 40.0, 30.0),
+    "dandelion": (50.0, 40.0, -30.0),
+    "rose": (50.0, -20.0, -10.0),
+    "tulip": (-10.0, -10.0, 40.0),
+}
+BACKBONE_DIR = "backbone_mobilenet_v2_100_224_random"
+RESULTS_FILE = "preprocess_benchmark.json"
+SAMPLE_INTERVAL_S = 0.2
+MIB = 1024.0 * 1024.0
+
+
+class BenchmarkError(RuntimeError):
+    """The job failed, dropped rows, or the set-up is unusable."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs: backbone and images
+# ----------------------------------------------------------------------------------------------
+
+
+def build_mobilenet_backbone(path: str, image_size: int = 224) -> str:
+    """Saves a random-weight MobileNetV2 feature-vector model as a TF-Hub-format SavedModel.
+
+    The model takes float32 RGB ``[N, image_size, image_size, 3]`` in [0, 1], scales it to
+    [-1, 1] inside (what MobileNetV2 expects) and returns ``[N, 1280]`` average-pooled features.
+    Nothing is done when ``path`` already holds a SavedModel.
+
+    Returns:
+      ``path``.
+    """
+    if os.path.exists(os.path.join(path, "saved_model.pb")):
+        return path
+    import tensorflow as tf
+    import tf_keras
+
+    tf_keras.utils.set_random_seed(0)
+    inputs = tf_keras.Input([image_size, image_size, 3], dtype="float32")
+    scaled = tf_keras.layers.Rescaling(2.0, offset=-1.0)(inputs)
+    base = tf_keras.applications.MobileNetV2(
+        input_shape=(image_size, image_size, 3), include_top=False, pooling="avg", weights=None
+    )
+    model = tf_keras.Model(inputs, base(scaled), name="mobilenet_v2_100_224_feature_vector")
+    tmp = f"{path}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tf.saved_model.save(model, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def synthetic_photo(index: int) -> tuple[bytes, str]:
+    """Generates image ``index`` deterministically: (JPEG bytes, label).
+
+    About 500x375 (width 440-560, aspect 0.68-0.82, one in five portrait), a smooth multi-scale
+    colour texture with a class tint plus Gaussian noise, saved at JPEG quality 85-92: 30-60 KB,
+    like a phone photo downscaled for a dataset.
+    """
+    rng = np.random.default_rng(1_000_003 + index)
+    label = CLASSES[index % len(CLASSES)]
+    width = int(rng.integers(440, 561))
+    height = int(round(width * rng.uniform(0.68, 0.82)))
+    if rng.random() < 0.2:
+        width, height = height, width
+    pixels = np.zeros((height, width, 3), np.float32)
+    for cells, amplitude in ((4, 90.0), (16, 40.0), (64, 20.0)):
+        coarse = rng.normal(0.0, 1.0, (max(2, height * cells // width), cells, 3))
+        coarse = (coarse - coarse.min()) / (np.ptp(coarse) + 1e-6) * 255.0
+        layer = Image.fromarray(coarse.astype(np.uint8)).resize((width, height), Image.BICUBIC)
+        pixels += (np.asarray(layer, np.float32) / 255.0 - 0.5) * amplitude
+    pixels += rng.uniform(60.0, 200.0, 3) + np.asarray(CLASS_TINTS[label], np.float32)
+    pixels += rng.normal(0.0, rng.uniform(5.0, 9.0), pixels.shape)
+    buffer = io.BytesIO()
+    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
+    image.save(buffer, "JPEG", quality=int(rng.integers(85, 93)))
+    return buffer.getvalue(), label
+
+
+def image_relpath(index: int) -> str:
+    """The path of image ``index`` relative to the work dir (and to the label CSVs)."""
+    return f"images/{CLASSES[index % len(CLASSES)]}/img_{index:06d}.jpg"
+
+
+def _write_image(task: tuple[str, int]) -> int:
+    """Pool worker: writes one image unless it already exists; returns its size in bytes."""
+    work_dir, index = task
+    path = os.path.join(work_dir, image_relpath(index))
+    if os.path.exists(path):
+        return os.path.getsize(path)
+    data, _ = synthetic_photo(index)
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+    return len(data)
+
+
+def generate_images(work_dir: str, count: int, processes: int) -> dict:
+    """Makes sure images ``0 .. count-1`` exist under ``work_dir/images``; returns size stats."""
+    for label in CLASSES:
+        os.makedirs(os.path.join(work_dir, "images", label), exist_ok=True)
+    start = time.perf_counter()
+    tasks = [(work_dir, i) for i in range(count)]
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        sizes = np.array(pool.map(_write_image, tasks, chunksize=32), np.float64)
+    return {
+        "count": count,
+        "seconds": round(time.perf_counter() - start, 1),
+        "mean_kib": round(float(sizes.mean()) / 1024, 1),
+        "min_kib": round(float(sizes.min()) / 1024, 1),
+        "max_kib": round(float(sizes.max()) / 1024, 1),
+    }
+
+
+def write_label_csv(work_dir: str, count: int) -> str:
+    """Writes ``labels_<count>.csv`` (header + the first ``count`` images); returns its path."""
+    path = os.path.join(work_dir, f"labels_{count}.csv")
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image_uri", "label"])
+        for i in range(count):
+            writer.writerow([image_relpath(i), CLASSES[i % len(CLASSES)]])
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# In-process timings: the model alone and the job's per-image stages
+# ----------------------------------------------------------------------------------------------
+
+
+def load_backbone(handle: str):
+    """Resolves and probes ``handle`` as the job does; returns (spec, embedder)."""
+    from pipeline import backbone
+
+    spec = backbone.probe(backbone.resolve(handle))
+    return spec, backbone.load(spec)
+
+
+def _time_calls(fn, arg, seconds: float, warmup: int = 3, min_calls: int = 3) -> tuple[int, float]:
+    """Calls ``fn(arg).numpy()`` ``warmup`` times, then for ``seconds``: (calls, elapsed)."""
+    for _ in range(warmup):
+        fn(arg).numpy()
+    calls = 0
+    start = time.perf_counter()
+    while True:
+        fn(arg).numpy()
+        calls += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds and calls >= min_calls:
+            return calls, elapsed
+
+
+def raw_backbone_throughput(spec, embedder, batch_sizes: Sequence[int], seconds: float) -> dict:
+    """Images/s of the model alone on pre-made float32 ``[B, S, S, 3]`` inputs in [0, 1]."""
+    import tensorflow as tf
+
+    size = spec.image_size
+
+    @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
+    def embed(images):
+        return embedder(images)
+
+    per_batch = {}
+    for batch in batch_sizes:
+        images = tf.random.stateless_uniform([batch, size, size, 3], seed=[1, batch])
+        load = os.getloadavg()[0]
+        calls, elapsed = _time_calls(embed, images, seconds)
+        per_batch[batch] = {
+            "images_per_s": batch * calls / elapsed,
+            "batches": calls,
+            "seconds": elapsed,
+            "loadavg_1m_before": load,
+        }
+        print(
+            f"  raw backbone, batch {batch:>4}: {batch * calls / elapsed:8.1f} images/s "
+            f"({calls} batches in {elapsed:.1f} s)",
+            flush=True,
+        )
+    best = max(per_batch, key=lambda b: per_batch[b]["images_per_s"])
+    return {
+        "per_batch": per_batch,
+        "best_batch": best,
+        "best_images_per_s": per_batch[best]["images_per_s"],
+    }
+
+
+def stage_costs(work_dir: str, count: int, spec, embedder, batch: int, seconds: float) -> dict:
+    """Times the job's per-image stages on their own, on the first ``count`` images.
+
+    Pillow stages run in this thread (as a DirectRunner bundle does); the embed function is the
+    job's ``decode_to_backbone_input`` + model in one ``tf.function``, fed the re-encoded JPEGs.
+    """
+    import tensorflow as tf
+
+    from pipeline import images
+    from schemas.backbones import decode_to_backbone_input
+
+    paths = [os.path.join(work_dir, image_relpath(i)) for i in range(count)]
+    start = time.perf_counter()
+    for path in paths:
+        with open(path, "rb") as f:
+            data = f.read()
+        images.sha256_hex(data)
+        images.validate(data)
+    validate_ms = (time.perf_counter() - start) * 1000 / count
+
+    reencoded = []
+    start = time.perf_counter()
+    for path in paths:
+        with open(path, "rb") as f:
+            data = f.read()
+        images.sha256_hex(data)
+        reencoded.append(images.reencode(data).jpeg)
+    reencode_ms = (time.perf_counter() - start) * 1000 / count
+
+    size = spec.image_size
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+    def decode(encoded):
+        return decode_to_backbone_input(encoded, size)
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+    def decode_and_embed(encoded):
+        return embedder(decode_to_backbone_input(encoded, size))
+
+    jpegs = tf.constant((reencoded * (batch // len(reencoded) + 1))[:batch])
+    calls, elapsed = _time_calls(decode, jpegs, min(seconds, 5.0))
+    decode_rate = batch * calls / elapsed
+    calls, elapsed = _time_calls(decode_and_embed, jpegs, seconds)
+    embed_rate = batch * calls / elapsed
+    serial_ms = validate_ms + reencode_ms + 1000.0 / embed_rate
+    return {
+        "sample_images": count,
+        "reencoded_mean_kib": float(np.mean([len(x) for x in reencoded])) / 1024,
+        "read_hash_validate_ms": validate_ms,
+        "read_hash_reencode_ms": reencode_ms,
+        "tf_decode_resize_images_per_s": decode_rate,
+        "decode_resize_embed_images_per_s": embed_rate,
+        "modelled_serial_images_per_s": 1000.0 / serial_ms,
+        "batch": batch,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# The job in a subprocess: wall time, peak memory, manifest check
+# ----------------------------------------------------------------------------------------------
+
+
+def _read_rss_kib(pid: int) -> int:
+    """``VmRSS`` of ``pid`` in KiB, 0 when it is gone or is a zombie."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _process_tree(root: int) -> list[int]:
+    """``root`` and all its live descendants, from the parent links in ``/proc/*/stat``."""
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", encoding="ascii", errors="replace") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+        children.setdefault(ppid, []).append(int(name))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, []))
+    return tree
+
+
+@dataclass
+class TreeRssSampler:
+    """Samples the summed RSS of a process tree in a background thread; keeps the peak."""
+
+    root: int
+    interval: float = SAMPLE_INTERVAL_S
+    peak_kib: int = 0
+    peak_processes: int = 0
+    samples: int = 0
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def start(self) -> TreeRssSampler:
+        """Starts sampling."""
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stops sampling and waits for the thread."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            pids = _process_tree(self.root)
+            total = sum(_read_rss_kib(pid) for pid in pids)
+            self.samples += 1
+            if total > self.peak_kib:
+                self.peak_kib, self.peak_processes = total, len(pids)
+            self._stop.wait(self.interval)
+
+
+def job_command(
+    csv_path: str, output_dir: str, backbone: str, batch: int, job_flags: Sequence[str]
+) -> list[str]:
+    """The command line of one preprocessing run."""
+    return [
+        sys.executable, "-m", "pipeline.preprocess",
+        f"--input_csv={csv_path}",
+        f"--output_dir={output_dir}",
+        f"--backbone={backbone}",
+        f"--batch_size={batch}",
+        "--overwrite",
+        *job_flags,
+    ]  # fmt: skip
+
+
+def run_job(command: Sequence[str], log_path: str) -> dict:
+    """Runs the job to completion; returns wall time, peak RSS figures and CPU time.
+
+    Raises:
+      BenchmarkError: the job exited non-zero (the log's tail is in the message).
+    """
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO_ROOT, env.get("PYTHONPATH")]))
+    env["PYTHONUNBUFFERED"] = "1"
+    load = os.getloadavg()[0]
+    with open(log_path, "wb") as log:
+        start = time.perf_counter()
+        proc = subprocess.Popen(
+            command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+        sampler = TreeRssSampler(proc.pid).start()
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        finally:
+            wall = time.perf_counter() - start
+            sampler.stop()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        with open(log_path, encoding="utf-8", errors="replace") as f:
+            tail = "".join(f.readlines()[-25:])
+        raise BenchmarkError(f"job exited {proc.returncode}; log {log_path}:\n{tail}")
+    return {
+        "wall_s": wall,
+        "peak_tree_rss_mib": sampler.peak_kib * 1024 / MIB,
+        "peak_tree_processes": sampler.peak_processes,
+        "rss_samples": sampler.samples,
+        "max_process_rss_mib": usage.ru_maxrss * 1024 / MIB,  # Linux: KiB
+        "cpu_s": usage.ru_utime + usage.ru_stime,
+        "loadavg_1m_before": load,
+        "log": log_path,
+    }
+
+
+def check_manifest(output_dir: str, expected: int) -> dict:
+    """Reads the job's manifest; fails unless every one of ``expected`` rows was written.
+
+    Raises:
+      BenchmarkError: rows missing, rejected or duplicated, or no manifest.
+    """
+    path = os.path.join(output_dir, "manifest.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            rows = json.load(f)["rows"]
+    except (OSError, ValueError, KeyError) as e:
+        raise BenchmarkError(f"no readable manifest at {path}: {e}") from e
+    if rows.get("written") != expected or rows.get("read") != expected:
+        raise BenchmarkError(f"job dropped rows: expected {expected} written, manifest says {rows}")
+    return rows
+
+
+def run_pipeline_size(
+    work_dir: str, n: int, backbone: str, batch: int, job_flags: Sequence[str], keep_outputs: bool
+) -> dict:
+    """One end-to-end run on the first ``n`` images: timings, memory and the manifest check."""
+    csv_path = write_label_csv(work_dir, n)
+    output_dir = os.path.join(work_dir, f"out_{n}")
+    command = job_command(csv_path, output_dir, backbone, batch, job_flags)
+    os.makedirs(os.path.join(work_dir, "logs"), exist_ok=True)
+    print(f"  job N={n}: {shlex.join(command)}", flush=True)
+    result = run_job(command, os.path.join(work_dir, "logs", f"job_{n}.log"))
+    result["rows"] = check_manifest(output_dir, n)
+    result["n"] = n
+    result["images_per_s"] = n / result["wall_s"]
+    result["command"] = shlex.join(command)
+    print(
+        f"  job N={n}: {result['wall_s']:.1f} s, {result['images_per_s']:.1f} images/s, "
+        f"peak tree RSS {result['peak_tree_rss_mib']:.0f} MiB",
+        flush=True,
+    )
+    if not keep_outputs:
+        shutil.rmtree(output_dir, ignore_errors=True)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------
+
+
+def summarise(results: dict) -> None:
+    """Adds the derived figures (steady rate, ratios to raw best, RSS growth) to ``results``."""
+    raw_best = results["raw"]["best_images_per_s"]
+    startup = results["startup_run"]
+    n0, wall0 = startup["n"], startup["wall_s"]
+    for run in results["runs"]:
+        run["e2e_over_raw"] = run["images_per_s"] / raw_best
+        net = run["wall_s"] - wall0
+        run["steady_images_per_s"] = (run["n"] - n0) / net if net > 0 else None
+        run["steady_over_raw"] = (
+            run["steady_images_per_s"] / raw_best if run["steady_images_per_s"] else None
+        )
+        run["cpu_utilisation"] = run["cpu_s"] / run["wall_s"] / results["machine"]["cpus"]
+    first, last = results["runs"][0], results["runs"][-1]
+    results["rss_growth"] = {
+        "from_n": first["n"],
+        "to_n": last["n"],
+        "tree_ratio": last["peak_tree_rss_mib"] / first["peak_tree_rss_mib"],
+        "max_process_ratio": last["max_process_rss_mib"] / first["max_process_rss_mib"],
+    }
+
+
+def _cell(value: float | None, width: int, decimals: int) -> str:
+    """A right-aligned table cell; ``-`` for a figure that does not apply."""
+    return f"{value:{width}.{decimals}f}" if value is not None else f"{'-':>{width}}"
+
+
+def format_report(results: dict) -> str:
+    """The final table of every figure, as text."""
+    m, raw, stages = results["machine"], results["raw"], results["stages"]
+    spec = results["backbone"]
+    lines = [
+        "=" * 100,
+        "hubflow preprocess benchmark",
+        f"command : {results['command']}",
+        f"machine : {m['cpus']} CPUs (affinity {m['cpus_usable']}), {m['platform']}, "
+        f"load avg at start {m['loadavg_at_start']}",
+        f"backbone: {spec['handle']} ({spec['image_size']}px -> {spec['embedding_dim']}-d)",
+        f"images  : {results['images']['count']} synthetic JPEGs, "
+        f"{results['images']['mean_kib']:.0f} KiB mean "
+        f"({results['images']['min_kib']:.0f}-{results['images']['max_kib']:.0f})",
+        "",
+        "raw backbone (model alone, float32 [B,S,S,3] in [0,1], tf.function)",
+        f"  {'batch':>5} {'images/s':>9}",
+    ]
+    for batch, r in raw["per_batch"].items():
+        mark = "  <- best" if int(batch) == int(raw["best_batch"]) else ""
+        lines.append(f"  {batch:>5} {r['images_per_s']:9.1f}{mark}")
+    lines += [
+        "",
+        f"job stages alone (mean over {stages['sample_images']} images; Pillow in one thread, "
+        f"TF on all cores, batch {stages['batch']})",
+        f"  read + sha256 + Pillow validate        {stages['read_hash_validate_ms']:7.2f} ms/img",
+        f"  read + sha256 + Pillow re-encode q95   {stages['read_hash_reencode_ms']:7.2f} ms/img"
+        f"   (output {stages['reencoded_mean_kib']:.0f} KiB)",
+        f"  TF decode + resize                     "
+        f"{stages['tf_decode_resize_images_per_s']:7.1f} img/s",
+        f"  TF decode + resize + model (job embed) "
+        f"{stages['decode_resize_embed_images_per_s']:7.1f} img/s",
+        f"  modelled serial rate (sum of above)    "
+        f"{stages['modelled_serial_images_per_s']:7.1f} img/s",
+        "",
+        f"pipeline end to end (subprocess, DirectRunner default, --batch_size {raw['best_batch']})",
+        f"  {'N':>6} {'wall s':>8} {'img/s':>7} {'steady':>7} {'e2e/raw':>8} {'stdy/raw':>9} "
+        f"{'treeRSS':>8} {'procRSS':>8} {'CPU%':>5} {'load':>5}",
+    ]
+    for run in [results["startup_run"], *results["runs"]]:
+        lines.append(
+            f"  {run['n']:>6} {run['wall_s']:8.1f} {run['images_per_s']:7.1f} "
+            f"{_cell(run.get('steady_images_per_s'), 7, 1)} "
+            f"{_cell(run.get('e2e_over_raw'), 8, 2)} {_cell(run.get('steady_over_raw'), 9, 2)} "
+            f"{run['peak_tree_rss_mib']:8.0f} {run['max_process_rss_mib']:8.0f} "
+            f"{100 * run['cpu_s'] / run['wall_s'] / m['cpus']:5.0f} {run['loadavg_1m_before']:5.2f}"
+        )
+    growth = results["rss_growth"]
+    best = max(r["images_per_s"] for r in results["runs"])
+    lines += [
+        "  steady = (N - n0) / (wall(N) - wall(n0)): the job's fixed start-up cost removed, "
+        f"estimated from the N={results['startup_run']['n']} run "
+        f"({results['startup_run']['wall_s']:.1f} s)",
+        "  RSS in MiB: tree = peak of summed VmRSS of the job's process tree (sampled every "
+        f"{SAMPLE_INTERVAL_S} s); proc = kernel peak RSS of its largest process",
+        "  CPU% = (user + sys) / wall / CPUs; load = 1-minute load average before the run",
+        "",
+        f"raw best           : {raw['best_images_per_s']:.1f} images/s (batch {raw['best_batch']})",
+        f"e2e / raw best     : {best / raw['best_images_per_s']:.2f} at best N (target >= 0.8)",
+        f"RSS({growth['to_n']})/RSS({growth['from_n']}): tree {growth['tree_ratio']:.2f}, "
+        f"largest process {growth['max_process_ratio']:.2f} (target ~1.0, not growing with N)",
+        "timings are wall clock on a shared machine: compare the load column between runs",
+        f"json    : {results['json']}",
+        "=" * 100,
+    ]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------
+
+
+def _int_list(value: str) -> list[int]:
+    try:
+        numbers = [int(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {value!r}"
+        ) from None
+    if not numbers or min(numbers) <= 0:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {value!r}")
+    return numbers
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line flags of the benchmark."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--sizes",
+        type=_int_list,
+        default=[1000, 4000],
+        help="dataset sizes N for end-to-end runs (default 1000,4000)",
+    )
+    parser.add_argument(
+        "--work_dir",
+        default="/tmp/hubflow-benchmark",
+        help="cache for backbone and images, job outputs, logs and the JSON",
+    )
+    parser.add_argument(
+        "--batch_sizes",
+        type=_int_list,
+        default=[8, 16, 32, 64],
+        help="batch sizes for the raw backbone timing (default 8,16,32,64)",
+    )
+    parser.add_argument(
+        "--backbone",
+        default=None,
+        help="SavedModel path or Hub handle to use instead of the built random-weight MobileNetV2",
+    )
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        default=10.0,
+        help="timed seconds per raw batch size and per stage (default 10)",
+    )
+    parser.add_argument(
+        "--startup_n",
+        type=int,
+        default=20,
+        help="size of the tiny run that estimates the fixed start-up cost",
+    )
+    parser.add_argument(
+        "--stage_sample",
+        type=int,
+        default=200,
+        help="images used to time the job's stages alone (default 200)",
+    )
+    parser.add_argument(
+        "--job_flag",
+        action="append",
+        default=[],
+        help="extra flag for the job, repeatable (e.g. "
+        "--job_flag=--direct_running_mode=multi_processing)",
+    )
+    parser.add_argument(
+        "--keep_outputs",
+        action="store_true",
+        help="keep the job outputs (out_<N>/) instead of deleting them",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs every step, prints the table, writes the JSON; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    sizes = sorted(set(args.sizes))
+    work_dir = os.path.abspath(args.work_dir)
+    os.makedirs(work_dir, exist_ok=True)
+    cpus = os.cpu_count() or 1
+    results: dict = {
+        "command": shlex.join([sys.executable, *sys.argv]),
+        "machine": {
+            "cpus": cpus,
+            "cpus_usable": len(os.sched_getaffinity(0)),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+        },
+        "json": os.path.join(work_dir, RESULTS_FILE),
+    }
+    try:
+        count = max(sizes + [args.startup_n, args.stage_sample])
+        print(f"[1/5] generating {count} images in {work_dir}/images", flush=True)
+        results["images"] = generate_images(work_dir, count, processes=cpus)
+        print(f"      {results['images']}", flush=True)
+
+        backbone = args.backbone or os.path.join(work_dir, BACKBONE_DIR)
+        if not args.backbone:
+            print(f"[2/5] building random-weight MobileNetV2 backbone at {backbone}", flush=True)
+            build_mobilenet_backbone(backbone)
+        else:
+            print(f"[2/5] using backbone {backbone}", flush=True)
+        spec, embedder = load_backbone(backbone)
+        results["backbone"] = spec.to_json()
+
+        print("[3/5] raw backbone throughput", flush=True)
+        results["raw"] = raw_backbone_throughput(spec, embedder, args.batch_sizes, args.seconds)
+        best_batch = results["raw"]["best_batch"]
+
+        print("[4/5] job stages alone", flush=True)
+        results["stages"] = stage_costs(
+            work_dir, args.stage_sample, spec, embedder, best_batch, args.seconds
+        )
+        print(f"      {results['stages']}", flush=True)
+
+        print("[5/5] end-to-end runs of the job", flush=True)
+        results["startup_run"] = run_pipeline_size(
+            work_dir, args.startup_n, backbone, best_batch, args.job_flag, args.keep_outputs
+        )
+        results["runs"] = [
+            run_pipeline_size(work_dir, n, backbone, best_batch, args.job_flag, args.keep_outputs)
+            for n in sizes
+        ]
+    except BenchmarkError as e:
+        print(f"benchmark failed: {e}", file=sys.stderr)
+        results["error"] = str(e)
+        _write_json(results)
+        return 1
+    summarise(results)
+    _write_json(results)
+    print(format_report(results))
+    return 0
+
+
+def _write_json(results: dict) -> None:
+    with open(results["json"], "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=2, default=str)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

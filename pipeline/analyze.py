@@ -1,0 +1,100 @@
+"""tf.Transform analyses of the job: the label vocabulary and the embedding statistics.
+
+* ``LabelVocabulary``: ``tft.vocabulary`` over the labels of the accepted rows (after duplicate
+  and conflict resolution), re-ordered alphabetically — tf.Transform orders vocabularies by
+  frequency, Keras users expect ``image_dataset_from_directory``'s alphabetical order. It runs
+  on the small row records, so label indices are known before any image is re-encoded.
+* ``AnalyzeAndWriteTransformFn``: per-dimension mean and variance of the embeddings
+  (``tft.scale_to_z_score(elementwise=True)``), written as ``transform_fn/`` and
+  ``transformed_metadata/`` for training and the serving export to reuse.
+"""
+
+from __future__ import annotations
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+
+from schemas import features
+
+LABEL_VOCABULARY = "label_vocabulary"
+_TFT_TEMP_DIR = ".tft_tmp"
+
+
+def tft_temp_dir(output_dir: str) -> str:
+    """Scratch space of tf.Transform inside the output dir (deleted after the run)."""
+    return FileSystems.join(output_dir, _TFT_TEMP_DIR)
+
+
+def label_vocabulary_fn(inputs):
+    """tf.Transform: the vocabulary of label strings (computed over the whole dataset)."""
+    import tensorflow_transform as tft
+
+    labels = inputs[features.LABEL_TEXT]
+    tft.vocabulary(labels, vocab_filename=LABEL_VOCABULARY)
+    return {features.LABEL_TEXT: labels}
+
+
+def embedding_statistics_fn(inputs):
+    """tf.Transform: per-dimension z-score of the embedding (mean/variance over the dataset)."""
+    import tensorflow_transform as tft
+
+    return {features.EMBEDDING: tft.scale_to_z_score(inputs[features.EMBEDDING], elementwise=True)}
+
+
+def _metadata(spec):
+    from tensorflow_transform.tf_metadata import dataset_metadata, schema_utils
+
+    return dataset_metadata.DatasetMetadata(schema_utils.schema_from_feature_spec(spec))
+
+
+def _sorted_vocabulary(transform_fn_dir: str) -> list[str]:
+    import tensorflow as tf
+
+    path = f"{transform_fn_dir.rstrip('/')}/assets/{LABEL_VOCABULARY}"
+    if not tf.io.gfile.exists(path):  # no accepted row at all
+        return []
+    with tf.io.gfile.GFile(path, "rb") as f:
+        return sorted(line.decode("utf-8") for line in f.read().splitlines() if line)
+
+
+class LabelVocabulary(beam.PTransform):
+    """Label strings -> a singleton PCollection with the alphabetical label list."""
+
+    def __init__(self, temp_dir: str):
+        super().__init__()
+        self._temp_dir = temp_dir
+
+    def expand(self, labels):
+        import tensorflow as tf
+        import tensorflow_transform.beam as tft_beam
+
+        spec = {features.LABEL_TEXT: tf.io.FixedLenFeature([], tf.string)}
+        with tft_beam.Context(temp_dir=self._temp_dir):
+            transform_fn = (
+                labels | "ToInstances" >> beam.Map(lambda label: {features.LABEL_TEXT: label}),
+                _metadata(spec),
+            ) | "Vocabulary" >> tft_beam.AnalyzeDataset(label_vocabulary_fn)
+        saved_model_dir, _ = transform_fn
+        return saved_model_dir | "SortVocabulary" >> beam.Map(_sorted_vocabulary)
+
+
+class AnalyzeAndWriteTransformFn(beam.PTransform):
+    """``{embedding: [D]}`` dicts -> ``transform_fn/`` + ``transformed_metadata/`` in ``output_dir``.
+
+    Returns the completion PCollection of the write, to order later steps after it.
+    """
+
+    def __init__(self, output_dir: str, embedding_dim: int):
+        super().__init__()
+        self._output_dir = output_dir
+        self._embedding_dim = embedding_dim
+
+    def expand(self, embeddings):
+        import tensorflow_transform.beam as tft_beam
+
+        spec = features.transform_feature_spec(self._embedding_dim)
+        with tft_beam.Context(temp_dir=tft_temp_dir(self._output_dir)):
+            transform_fn = (embeddings, _metadata(spec)) | "Analyze" >> tft_beam.AnalyzeDataset(
+                embedding_statistics_fn
+            )
+            return transform_fn | "Write" >> tft_beam.WriteTransformFn(self._output_dir)
