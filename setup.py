@@ -32,6 +32,7 @@ setuptools.setup(
     entry_points={
         "console_scripts": [
             "hubflow-preprocess=pipeline.preprocess:main",
+            "hubflow-train=training.task:main",
         ],
     },
 )

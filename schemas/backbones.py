@@ -105,16 +105,17 @@ def image_to_backbone_input(images: tf.Tensor, image_size: int) -> tf.Tensor:
     return tf.clip_by_value(images, VALUE_RANGE[0], VALUE_RANGE[1])
 
 
+def decode_image(data: tf.Tensor) -> tf.Tensor:
+    """Decodes one encoded image (JPEG, PNG, GIF first frame, BMP) to uint8 RGB ``[H, W, 3]``."""
+    image = tf.io.decode_image(data, channels=3, expand_animations=False)
+    image.set_shape([None, None, 3])
+    return image
+
+
 def decode_to_backbone_input(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
     """Decodes a batch of encoded images (JPEG, PNG, GIF, BMP bytes, shape [N]) to backbone input."""
-
-    def _one(data: tf.Tensor) -> tf.Tensor:
-        image = tf.io.decode_image(data, channels=3, expand_animations=False)
-        image.set_shape([None, None, 3])
-        return image_to_backbone_input(image, image_size)
-
     return tf.map_fn(
-        _one,
+        lambda data: image_to_backbone_input(decode_image(data), image_size),
         encoded,
         fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.float32),
         parallel_iterations=16,

@@ -1,0 +1,254 @@
+"""The trainer's command line, validated once into a typed :class:`TrainConfig`.
+
+Labels, backbone and embedding size are not flags: they come from the dataset's manifest.
+Defaults that depend on the mode (epochs, batch size) are resolved here and written to
+``config.json`` next to the model, so a run can be read back and repeated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+from training.schedules import SCHEDULES
+
+PROG = "hubflow-train"
+
+FEATURES_EMBEDDING = "embedding"
+FEATURES_IMAGE = "image"
+MODEL_HEAD = "head"
+SCRATCH_MODELS = ("linear", "dnn", "cnn")
+OPTIMIZERS = ("adam", "sgd", "rmsprop")
+LR_SCHEDULES = tuple(SCHEDULES)
+
+# Mode -> (epochs, batch size, early-stopping patience). Embedding heads train in seconds, so
+# they get many epochs and rely on early stopping; image modes pay a backbone pass per step.
+_MODE_DEFAULTS = {
+    FEATURES_EMBEDDING: (200, 128, 10),
+    FEATURES_IMAGE: (15, 32, 3),
+    "scratch": (30, 64, 5),
+}
+
+
+class UsageError(ValueError):
+    """A user mistake, reported as one line naming the problem before training starts."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise UsageError(message)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Resolved trainer options (see ``build_parser`` for their meaning)."""
+
+    data_dir: str
+    model_dir: str
+    features: str = FEATURES_EMBEDDING
+    model: str = MODEL_HEAD
+    dropout: float = 0.2
+    hidden_units: tuple[int, ...] = ()
+    augment: bool = False
+    crop: bool = True
+    flip: bool = True
+    brightness: bool = True
+    contrast: bool = True
+    rotation: bool = True
+    zoom: bool = True
+    fine_tune: bool = False
+    fine_tune_layers: int = 0  # 0 = all
+    fine_tune_learning_rate: float | None = None
+    fine_tune_epochs: int = 5
+    image_size: int = 28
+    channels: int = 1
+    batch_norm: bool = False
+    epochs: int = 0
+    batch_size: int = 0
+    learning_rate: float = 1e-3
+    optimizer: str = "adam"
+    lr_schedule: str = "constant"
+    label_smoothing: float = 0.0
+    l2: float = 0.0
+    class_weight: str = "none"
+    patience: int = 0
+    seed: int = 42
+    overwrite: bool = False
+
+    @property
+    def from_scratch(self) -> bool:
+        return self.model in SCRATCH_MODELS
+
+    @property
+    def uses_images(self) -> bool:
+        return self.from_scratch or self.features == FEATURES_IMAGE
+
+    def to_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["hidden_units"] = list(self.hidden_units)
+        return data
+
+
+def _units(value: str) -> tuple[int, ...]:
+    if not value.strip():
+        return ()
+    try:
+        units = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {value!r}"
+        ) from None
+    if any(u <= 0 for u in units):
+        raise argparse.ArgumentTypeError(f"units must be positive, got {value!r}")
+    return units
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="Train, evaluate and export a hubflow image classifier.")
+    p.add_argument("--data_dir", help="a hubflow-preprocess output dir (required)")
+    p.add_argument(
+        "--model_dir", help="where checkpoints, metrics, plots and exports go (required)"
+    )
+    p.add_argument(
+        "--features",
+        choices=(FEATURES_EMBEDDING, FEATURES_IMAGE),
+        default=None,
+        help="train a head on stored embeddings (default) or on the images",
+    )
+    p.add_argument(
+        "--model",
+        choices=(MODEL_HEAD, *SCRATCH_MODELS),
+        default=MODEL_HEAD,
+        help="head on a backbone (default) or a small net trained from scratch",
+    )
+    p.add_argument("--dropout", type=float, default=0.2)
+    p.add_argument("--hidden_units", type=_units, default=(), help="e.g. 256,128 (default none)")
+    p.add_argument("--augment", action="store_true", help="training-time augmentation (images)")
+    for name in ("crop", "flip", "brightness", "contrast", "rotation", "zoom"):
+        p.add_argument(
+            f"--{name}",
+            action=argparse.BooleanOptionalAction,
+            default=True,
+            help=f"with --augment: random {name} (default on)",
+        )
+    p.add_argument(
+        "--fine_tune",
+        action="store_true",
+        help="after the head converges, unfreeze the backbone's top layers",
+    )
+    p.add_argument("--fine_tune_layers", type=int, default=0, help="top layers to unfreeze (0=all)")
+    p.add_argument(
+        "--fine_tune_learning_rate", type=float, default=None, help="default: --learning_rate / 10"
+    )
+    p.add_argument("--fine_tune_epochs", type=int, default=5)
+    p.add_argument(
+        "--image_size", type=int, default=28, help="input side for --model linear|dnn|cnn"
+    )
+    p.add_argument(
+        "--channels",
+        type=int,
+        choices=(1, 3),
+        default=1,
+        help="input channels for --model linear|dnn|cnn (1 = grayscale)",
+    )
+    p.add_argument("--batch_norm", action="store_true", help="batch norm in --model cnn")
+    p.add_argument("--epochs", type=int, default=0, help="default depends on the mode")
+    p.add_argument("--batch_size", type=int, default=0, help="default depends on the mode")
+    p.add_argument("--learning_rate", type=float, default=1e-3)
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adam")
+    p.add_argument("--lr_schedule", choices=LR_SCHEDULES, default="constant")
+    p.add_argument("--label_smoothing", type=float, default=0.0)
+    p.add_argument("--l2", type=float, default=0.0, help="L2 weight penalty on the new layers")
+    p.add_argument("--class_weight", choices=("none", "balanced"), default="none")
+    p.add_argument(
+        "--patience",
+        type=int,
+        default=0,
+        help="early-stopping patience in epochs on eval loss (default by mode)",
+    )
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument(
+        "--overwrite", action="store_true", help="start fresh in an existing --model_dir"
+    )
+    return p
+
+
+def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
+    """Parses the command line into a validated config.
+
+    Raises:
+      UsageError: for missing or contradictory flags.
+    """
+    args = build_parser().parse_args(argv)
+    if not args.data_dir:
+        raise UsageError("--data_dir is required")
+    if not args.model_dir:
+        raise UsageError("--model_dir is required")
+    scratch = args.model in SCRATCH_MODELS
+    if scratch and args.features is not None:
+        raise UsageError(f"--model {args.model} trains on images from scratch; drop --features")
+    features = args.features or FEATURES_EMBEDDING
+    if (args.augment or args.fine_tune) and not scratch and features != FEATURES_IMAGE:
+        flag = "--augment" if args.augment else "--fine_tune"
+        raise UsageError(f"{flag} needs --features image (stored embeddings cannot be augmented)")
+    if args.fine_tune and scratch:
+        raise UsageError("--fine_tune applies to a backbone; --model linear|dnn|cnn has none")
+    for flag, value, low, high in (
+        ("--dropout", args.dropout, 0.0, 0.99),
+        ("--label_smoothing", args.label_smoothing, 0.0, 0.99),
+    ):
+        if not low <= value <= high:
+            raise UsageError(f"{flag} must be in [{low}, {high}], got {value}")
+    for flag, value in (
+        ("--learning_rate", args.learning_rate),
+        ("--image_size", args.image_size),
+    ):
+        if value <= 0:
+            raise UsageError(f"{flag} must be positive, got {value}")
+    for flag, value in (
+        ("--epochs", args.epochs),
+        ("--batch_size", args.batch_size),
+        ("--l2", args.l2),
+        ("--patience", args.patience),
+        ("--fine_tune_layers", args.fine_tune_layers),
+        ("--fine_tune_epochs", args.fine_tune_epochs),
+    ):
+        if value < 0:
+            raise UsageError(f"{flag} must not be negative, got {value}")
+    mode = "scratch" if scratch else features
+    epochs, batch_size, patience = _MODE_DEFAULTS[mode]
+    return TrainConfig(
+        data_dir=args.data_dir,
+        model_dir=args.model_dir,
+        features=features,
+        model=args.model,
+        dropout=args.dropout,
+        hidden_units=tuple(args.hidden_units),
+        augment=args.augment,
+        crop=args.crop,
+        flip=args.flip,
+        brightness=args.brightness,
+        contrast=args.contrast,
+        rotation=args.rotation,
+        zoom=args.zoom,
+        fine_tune=args.fine_tune,
+        fine_tune_layers=args.fine_tune_layers,
+        fine_tune_learning_rate=args.fine_tune_learning_rate or args.learning_rate / 10.0,
+        fine_tune_epochs=args.fine_tune_epochs,
+        image_size=args.image_size,
+        channels=args.channels,
+        batch_norm=args.batch_norm,
+        epochs=args.epochs or epochs,
+        batch_size=args.batch_size or batch_size,
+        learning_rate=args.learning_rate,
+        optimizer=args.optimizer,
+        lr_schedule=args.lr_schedule,
+        label_smoothing=args.label_smoothing,
+        l2=args.l2,
+        class_weight=args.class_weight,
+        patience=args.patience or patience,
+        seed=args.seed,
+        overwrite=args.overwrite,
+    )

@@ -1,0 +1,70 @@
+"""Hermetic serving export in TF Serving's versioned layout: ``<model_dir>/export/<n>/``.
+
+The ``serving_default`` signature takes ``image_bytes`` (``tf.string [None]``: JPEG, PNG, GIF or
+BMP bytes, so TF Serving's REST ``{"b64": ...}`` works) and returns ``probabilities``,
+``classes``, ``scores``, ``top_k_classes`` and ``top_k_scores``. Decoding, resizing, the backbone
+(its variables copied in), the normalisation and the head are all inside; the labels are a
+constant of the graph. Nothing outside the export dir is needed to serve.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+
+import tensorflow as tf
+import tf_keras
+
+_LOGGER = logging.getLogger(__name__)
+EXPORT_DIR = "export"
+IMAGE_BYTES = "image_bytes"
+LABELS_FILE = "labels.txt"
+
+
+class ServingModule(tf.Module):
+    """Bytes in, labelled probabilities out."""
+
+    def __init__(self, model: tf_keras.Model, labels: list[str], decode: Callable):
+        super().__init__()
+        self.model = model
+        self._decode = decode
+        self._labels = tf.constant(labels)
+        self._k = min(5, len(labels))
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=IMAGE_BYTES)])
+    def serve(self, image_bytes: tf.Tensor) -> dict[str, tf.Tensor]:
+        probabilities = self.model(self._decode(image_bytes), training=False)
+        top = tf.math.top_k(probabilities, k=self._k)
+        return {
+            "probabilities": probabilities,
+            "classes": tf.gather(self._labels, top.indices[:, 0]),
+            "scores": top.values[:, 0],
+            "top_k_classes": tf.gather(self._labels, top.indices),
+            "top_k_scores": top.values,
+        }
+
+
+def next_version_dir(model_dir: str) -> str:
+    """``export/<n>`` with n one above the highest existing version (1 for the first)."""
+    root = os.path.join(model_dir, EXPORT_DIR)
+    names = tf.io.gfile.listdir(root) if tf.io.gfile.isdir(root) else []
+    versions = [int(n.rstrip("/")) for n in names if n.rstrip("/").isdigit()]
+    return os.path.join(root, str(max(versions, default=0) + 1))
+
+
+def export(model: tf_keras.Model, labels: list[str], decode: Callable, model_dir: str) -> str:
+    """Writes the serving SavedModel to the next ``export/<n>/`` (via a temp dir + rename)."""
+    target = next_version_dir(model_dir)
+    tmp = f"{target}.tmp"
+    if tf.io.gfile.exists(tmp):
+        tf.io.gfile.rmtree(tmp)
+    module = ServingModule(model, labels, decode)
+    tf.saved_model.save(module, tmp, signatures={"serving_default": module.serve})
+    extra = os.path.join(tmp, "assets.extra")
+    tf.io.gfile.makedirs(extra)
+    with tf.io.gfile.GFile(os.path.join(extra, LABELS_FILE), "w") as f:
+        f.write("".join(f"{label}\n" for label in labels))
+    tf.io.gfile.rename(tmp, target)
+    _LOGGER.info("exported %s", target)
+    return target

@@ -1,0 +1,175 @@
+"""Models of the trainer: a classifier head, a head on a Hub backbone, small nets from scratch.
+
+All models are tf_keras (Keras 2) models: ``hub.KerasLayer`` only works there. The backbone is
+called with ``training=False`` always, so its batch-norm layers stay in inference mode, also
+while its top layers are fine-tuned.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import numpy as np
+import tensorflow as tf
+import tf_keras
+
+from schemas.backbones import BackboneSpec
+from training.config import TrainConfig
+
+_LOGGER = logging.getLogger(__name__)
+
+
+def _regularizer(l2: float):
+    return tf_keras.regularizers.L2(l2) if l2 > 0 else None
+
+
+def head_layers(num_classes: int, config: TrainConfig) -> list[tf_keras.layers.Layer]:
+    """dropout -> optional hidden ReLU layers (each followed by dropout) -> softmax.
+
+    The output layer starts at zero (BiT): the first predictions are uniform, no random bias.
+    """
+    layers: list[tf_keras.layers.Layer] = []
+    if config.dropout > 0:
+        layers.append(tf_keras.layers.Dropout(config.dropout, seed=config.seed))
+    for units in config.hidden_units:
+        layers.append(
+            tf_keras.layers.Dense(
+                units, activation="relu", kernel_regularizer=_regularizer(config.l2)
+            )
+        )
+        if config.dropout > 0:
+            layers.append(tf_keras.layers.Dropout(config.dropout, seed=config.seed))
+    layers.append(
+        tf_keras.layers.Dense(
+            num_classes,
+            activation="softmax",
+            kernel_initializer="zeros",
+            kernel_regularizer=_regularizer(config.l2),
+            name="probabilities",
+        )
+    )
+    return layers
+
+
+def _apply(layers, x):
+    for layer in layers:
+        x = layer(x)
+    return x
+
+
+def embedding_head(
+    embedding_dim: int, num_classes: int, mean: np.ndarray, std: np.ndarray, config: TrainConfig
+) -> tf_keras.Model:
+    """Raw embedding ``[D]`` -> z-score (the tf.Transform statistics) -> head -> probabilities."""
+    inputs = tf_keras.Input([embedding_dim], name="embedding")
+    x = tf_keras.layers.Normalization(mean=mean, variance=np.square(std), name="normalize")(inputs)
+    return tf_keras.Model(inputs, _apply(head_layers(num_classes, config), x), name="head")
+
+
+def backbone_layer(spec: BackboneSpec, trainable: bool = False):
+    """The backbone as a ``hub.KerasLayer`` (loaded from its handle, cached by TF-Hub)."""
+    import tensorflow_hub as hub
+
+    return hub.KerasLayer(spec.handle, trainable=trainable, name="backbone")
+
+
+def image_classifier(
+    spec: BackboneSpec, head: tf_keras.Model, *, trainable: bool = False
+) -> tf_keras.Model:
+    """Image ``[S, S, 3]`` in [0, 1] -> backbone (inference mode) -> ``head``."""
+    inputs = tf_keras.Input([spec.image_size, spec.image_size, 3], name="image")
+    features = backbone_layer(spec, trainable)(inputs, training=False)
+    return tf_keras.Model(inputs, head(features), name="image_classifier")
+
+
+def scratch_model(num_classes: int, input_shape: tuple[int, int, int], config: TrainConfig):
+    """Small nets trained from scratch (e.g. digits).
+
+    * ``linear``: flatten -> softmax (28*28*1*10 + 10 = 7,850 parameters on MNIST).
+    * ``dnn``: flatten -> 400 ReLU -> dropout -> 100 ReLU -> dropout -> softmax.
+    * ``cnn``: (conv 5x5 -> [batch norm] -> ReLU -> max-pool) x 2 -> dense 300 -> dropout -> softmax.
+    """
+    reg = _regularizer(config.l2)
+    inputs = tf_keras.Input(input_shape, name="image")
+    x = inputs
+    if config.model == "linear":
+        x = tf_keras.layers.Flatten()(x)
+    elif config.model == "dnn":
+        x = tf_keras.layers.Flatten()(x)
+        for units in (400, 100):
+            x = tf_keras.layers.Dense(units, activation="relu", kernel_regularizer=reg)(x)
+            x = tf_keras.layers.Dropout(config.dropout, seed=config.seed)(x)
+    elif config.model == "cnn":
+        for filters in (32, 64):
+            x = tf_keras.layers.Conv2D(
+                filters, 5, padding="same", use_bias=not config.batch_norm, kernel_regularizer=reg
+            )(x)
+            if config.batch_norm:
+                x = tf_keras.layers.BatchNormalization()(x)
+            x = tf_keras.layers.ReLU()(x)
+            x = tf_keras.layers.MaxPooling2D(2)(x)
+        x = tf_keras.layers.Flatten()(x)
+        x = tf_keras.layers.Dense(300, activation="relu", kernel_regularizer=reg)(x)
+        x = tf_keras.layers.Dropout(config.dropout, seed=config.seed)(x)
+    else:
+        raise ValueError(f"--model: unknown model {config.model!r}")
+    outputs = tf_keras.layers.Dense(
+        num_classes, activation="softmax", kernel_regularizer=reg, name="probabilities"
+    )(x)
+    return tf_keras.Model(inputs, outputs, name=config.model)
+
+
+def _layer_of(variable: tf.Variable) -> str:
+    """The layer a backbone variable belongs to: its name without the last path component."""
+    name = variable.name.split(":")[0]
+    return name.rsplit("/", 1)[0] if "/" in name else re.sub(r"_\d+$", "", name)
+
+
+def frozen_backbone_variables(model: tf_keras.Model, top_layers: int) -> list[tf.Variable]:
+    """Backbone variables to keep frozen when only the top ``top_layers`` layers are tuned.
+
+    Layers are the backbone's variable groups in creation order (input side first); 0 = tune all.
+    """
+    backbone = model.get_layer("backbone")
+    variables = list(backbone.trainable_weights)
+    if top_layers <= 0:
+        return []
+    order: list[str] = []
+    for v in variables:
+        layer = _layer_of(v)
+        if layer not in order:
+            order.append(layer)
+    tuned = set(order[-top_layers:])
+    return [v for v in variables if _layer_of(v) not in tuned]
+
+
+class PartiallyFrozenModel(tf_keras.Model):
+    """A functional model whose ``train_step`` leaves some trainable variables untouched."""
+
+    def __init__(self, *args, frozen: list[tf.Variable] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._frozen_refs = {v.ref() for v in (frozen or [])}
+
+    def train_step(self, data):
+        x, y, sample_weight = tf_keras.utils.unpack_x_y_sample_weight(data)
+        with tf.GradientTape() as tape:
+            y_pred = self(x, training=True)
+            loss = self.compute_loss(x, y, y_pred, sample_weight)
+        variables = [v for v in self.trainable_variables if v.ref() not in self._frozen_refs]
+        gradients = tape.gradient(loss, variables)
+        self.optimizer.apply_gradients(zip(gradients, variables, strict=True))
+        return self.compute_metrics(x, y, y_pred, sample_weight)
+
+
+def fine_tune_model(spec: BackboneSpec, head: tf_keras.Model, config: TrainConfig):
+    """The image classifier with the backbone unfrozen (its top ``fine_tune_layers`` layers)."""
+    inputs = tf_keras.Input([spec.image_size, spec.image_size, 3], name="image")
+    backbone = backbone_layer(spec, trainable=True)
+    outputs = head(backbone(inputs, training=False))
+    probe = tf_keras.Model(inputs, outputs)
+    frozen = frozen_backbone_variables(probe, config.fine_tune_layers)
+    model = PartiallyFrozenModel(inputs, outputs, frozen=frozen, name="fine_tune")
+    tuned = len(backbone.trainable_weights) - len(frozen)
+    _LOGGER.info("fine-tuning %d of %d backbone variables", tuned, len(backbone.trainable_weights))
+    return model
