@@ -72,8 +72,14 @@ def _png(jpeg: bytes) -> bytes:
 MODES = {
     "embedding": ["--epochs=60"],
     "embedding+options": [
-        "--epochs=40", "--optimizer=sgd", "--lr_schedule=one-cycle", "--label_smoothing=0.1",
-        "--l2=1e-4", "--class_weight=balanced", "--hidden_units=16", "--dropout=0.1",
+        "--epochs=40",
+        "--optimizer=sgd",
+        "--lr_schedule=one-cycle",
+        "--label_smoothing=0.1",
+        "--l2=1e-4",
+        "--class_weight=balanced",
+        "--hidden_units=16",
+        "--dropout=0.1",
     ],
     "image+augment": ["--features=image", "--augment", "--no-flip", "--epochs=25"],
     "image+fine_tune": [
@@ -181,6 +187,10 @@ def test_rerun_resumes_from_last_checkpoint(data_dir, tmp_path):
     assert os.path.exists(str(model_dir / "checkpoints" / "stage1" / "ckpt-0005.index"))
     assert not os.path.exists(str(model_dir / "checkpoints" / "stage1" / "ckpt-0006.index"))
     assert result.export_dir.endswith(os.path.join("export", "2"))
+    again = _train(data_dir, model_dir, "--epochs=5", "--patience=100")  # nothing left to train
+    assert len(json.loads((model_dir / "history.json").read_text())["loss"]) == 5
+    assert again.metrics["test"] == result.metrics["test"]
+    assert again.export_dir.endswith(os.path.join("export", "3"))
     fresh = _train(data_dir, model_dir, "--epochs=1", "--overwrite")
     assert fresh.export_dir.endswith(os.path.join("export", "1"))
 
@@ -293,3 +303,22 @@ def test_fine_tune_changes_only_top_layers_and_keeps_batch_norm_statistics(data_
     assert changed <= set(trainable)  # moving mean/variance (non-trainable) untouched
     # the tuned variables are the last ones in creation order, i.e. the top of the network
     assert max(trainable.index(n) for n in frozen) < min(trainable.index(n) for n in changed)
+
+
+@pytest.mark.parametrize(
+    "tf_config, gpus, kind",
+    [
+        ({}, 0, "default"),
+        ({}, 1, "default"),
+        ({}, 4, "mirrored"),
+        ({"cluster": {"worker": ["a:1"]}}, 0, "default"),
+        (
+            {"cluster": {"chief": ["c:1"], "worker": ["a:1"]}, "task": {"type": "chief"}},
+            0,
+            "multi_worker",
+        ),
+        ({"cluster": {"worker": ["a:1", "b:1"]}}, 8, "multi_worker"),
+    ],
+)
+def test_strategy_follows_the_environment(tf_config, gpus, kind):
+    assert task.strategy_kind(tf_config, gpus) == kind

@@ -55,13 +55,24 @@ class TrainResult:
     history: dict
 
 
-def choose_strategy() -> tf.distribute.Strategy:
-    """MultiWorkerMirrored when TF_CONFIG lists several workers, Mirrored for several local
-    GPUs, the default strategy otherwise."""
-    cluster = json.loads(os.environ.get("TF_CONFIG", "{}")).get("cluster", {})
+def strategy_kind(tf_config: dict, num_gpus: int) -> str:
+    """``multi_worker`` when TF_CONFIG lists several workers (e.g. a Vertex AI multi-worker job),
+    ``mirrored`` for several local GPUs, ``default`` otherwise."""
+    cluster = tf_config.get("cluster", {})
     if len(cluster.get("worker", [])) + len(cluster.get("chief", [])) > 1:
+        return "multi_worker"
+    return "mirrored" if num_gpus > 1 else "default"
+
+
+def choose_strategy() -> tf.distribute.Strategy:
+    """The tf.distribute strategy for this environment (see :func:`strategy_kind`)."""
+    kind = strategy_kind(
+        json.loads(os.environ.get("TF_CONFIG", "{}")), len(tf.config.list_logical_devices("GPU"))
+    )
+    _LOGGER.info("distribution strategy: %s", kind)
+    if kind == "multi_worker":
         return tf.distribute.MultiWorkerMirroredStrategy()
-    if len(tf.config.list_logical_devices("GPU")) > 1:
+    if kind == "mirrored":
         return tf.distribute.MirroredStrategy()
     return tf.distribute.get_strategy()
 
@@ -169,22 +180,31 @@ def _latest_checkpoint(directory: str) -> tuple[str | None, int]:
 
 
 def _fit(model, config, train_ds, eval_ds, *, stage: str, epochs: int, class_weight, history):
-    """Fits one stage with per-epoch checkpoints, resuming from this stage's last one."""
+    """Fits one stage with per-epoch checkpoints, resuming from this stage's last one.
+
+    When a stage ends (all epochs, or early stopping with the best weights restored) its final
+    weights and a ``state.json`` are saved, so rerunning the same command does not train again
+    but evaluates and exports the same model; a larger ``--epochs`` continues training.
+    """
     directory = os.path.join(config.model_dir, CHECKPOINT_DIR, stage)
+    final = os.path.join(directory, "final", "weights")
+    state = _read_json(os.path.join(directory, "state.json"), None)
+    if state and (state["stopped_early"] or state["epochs"] >= epochs):
+        model.load_weights(final)
+        _LOGGER.info("%s already finished (%d epochs): reusing its weights", stage, state["epochs"])
+        return
     latest, initial_epoch = _latest_checkpoint(directory)
     if latest:
         model.load_weights(latest)
         _LOGGER.info("resuming %s from %s (epoch %d)", stage, latest, initial_epoch)
-    if initial_epoch >= epochs:
-        _LOGGER.info("%s already trained for %d epochs", stage, initial_epoch)
-        return
+    stopper = tf_keras.callbacks.EarlyStopping(
+        monitor="val_loss", patience=config.patience, restore_best_weights=True
+    )
     callbacks = [
         tf_keras.callbacks.ModelCheckpoint(
             os.path.join(directory, "ckpt-{epoch:04d}"), save_weights_only=True
         ),
-        tf_keras.callbacks.EarlyStopping(
-            monitor="val_loss", patience=config.patience, restore_best_weights=True
-        ),
+        stopper,
         tf_keras.callbacks.TensorBoard(os.path.join(config.model_dir, "logs", stage)),
     ]
     fitted = model.fit(
@@ -199,6 +219,12 @@ def _fit(model, config, train_ds, eval_ds, *, stage: str, epochs: int, class_wei
     for key, values in fitted.history.items():
         history.setdefault(key, []).extend(float(v) for v in values)
     history.setdefault("stage", []).extend([stage] * len(fitted.epoch))
+    model.save_weights(final)
+    done = initial_epoch + len(fitted.epoch)
+    _write_json(
+        os.path.join(directory, "state.json"),
+        {"epochs": done, "stopped_early": stopper.stopped_epoch > 0},
+    )
 
 
 def _predict(model, dataset) -> tuple[np.ndarray, np.ndarray]:
