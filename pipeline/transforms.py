@@ -312,7 +312,15 @@ class EncodeAndEmbed(beam.PTransform):
         self._total = total
 
     def expand(self, accepted):
-        encoded = accepted | "Encode" >> beam.ParDo(self._encode).with_outputs(ERRORS, main="ok")
+        # The labels and the accepted count (side inputs of ToExample) are computed from
+        # `accepted`: without this break the runner would fuse Encode with the step producing
+        # `accepted` and have to hold every embedded image until those side inputs are ready.
+        # With it, only the small row records are materialized and images stream to the writers.
+        encoded = (
+            accepted
+            | "Materialize" >> beam.Reshuffle()
+            | "Encode" >> beam.ParDo(self._encode).with_outputs(ERRORS, main="ok")
+        )
         handler = KeyedModelHandler(ImageEmbeddingModelHandler(self._spec, self._batch_size))
         embedded, failed = encoded.ok | "Embed" >> RunInference(handler).with_exception_handling()
         embed_errors = failed.failed_inferences | "FailedBatches" >> beam.FlatMap(
