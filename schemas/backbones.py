@@ -58,9 +58,20 @@ class BackboneSpec:
         )
 
 
+# Built-in backbones are built locally (no network) into the hubflow cache on first use; their
+# handle names the recipe, and each machine resolves it to its own cache path.
+BUILTIN_SCHEME = "hubflow-builtin://"
+DEFAULT_BACKBONE = "efficientnet_lite0"
+
 PRESETS: dict[str, BackboneSpec] = {
     spec.name: spec
     for spec in (
+        BackboneSpec(
+            "efficientnet_lite0",
+            f"{BUILTIN_SCHEME}efficientnet_lite0",
+            224,
+            1280,
+        ),
         BackboneSpec(
             "mobilenet_v2_100_224",
             "https://tfhub.dev/google/imagenet/mobilenet_v2_100_224/feature_vector/5",
@@ -87,6 +98,11 @@ PRESETS: dict[str, BackboneSpec] = {
         ),
     )
 }
+
+
+def is_builtin(handle: str) -> bool:
+    """True for a built-in backbone's handle (``hubflow-builtin://<name>``)."""
+    return handle.startswith(BUILTIN_SCHEME)
 
 
 def is_handle(value: str) -> bool:

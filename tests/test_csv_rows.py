@@ -419,3 +419,16 @@ def test_list_image_dir_without_class_folders_raises(tmp_path):
     (tmp_path / "empty_class").mkdir()
     with pytest.raises(ValueError, match=r"^--image_dir: .*holds no file in a class sub-folder"):
         list_image_dir(str(tmp_path))
+
+
+def test_labels_optional_for_scoring():
+    from pipeline.csv_rows import parse_csv
+
+    text = "a.jpg\nb.jpg,rose\n"
+    rows = list(parse_csv("/d/in.csv", text, require_label=False))
+    assert [(r.uri, r.label) for r in rows] == [("/d/a.jpg", ""), ("/d/b.jpg", "rose")]
+    header_only_uri = list(parse_csv("/d/in.csv", "image_uri\nc.jpg\n", require_label=False))
+    assert [(r.line, r.uri, r.label) for r in header_only_uri] == [(2, "/d/c.jpg", "")]
+    # the training contract is unchanged
+    strict = list(parse_csv("/d/in.csv", text))
+    assert [type(r).__name__ for r in strict] == ["ErrorRecord", "Row"]

@@ -145,25 +145,52 @@ def classification_report(
         raise ValueError(f"k must be between 1 and the number of classes ({num_classes}), got {k}.")
 
     y_pred = np.argmax(probs, axis=1) if num_examples else np.zeros(0, np.int64)
-    matrix = confusion_matrix(y, y_pred, num_classes)
+    report = confusion_report(confusion_matrix(y, y_pred, num_classes), labels)
+    top_k_accuracy = loss = None
+    if num_examples:
+        true_probs = probs[np.arange(num_examples), y]
+        higher = np.sum(probs > true_probs[:, None], axis=1)
+        top_k_accuracy = float(np.mean(higher < k))
+        loss = float(-np.mean(np.log(np.clip(true_probs, EPSILON, 1.0))))
+    else:
+        _LOGGER.warning("classification_report called with no examples; averages are None.")
+    return {
+        "examples": report["examples"],
+        "accuracy": report["accuracy"],
+        "top_k_accuracy": top_k_accuracy,
+        "k": int(k),
+        "loss": loss,
+        "per_class": report["per_class"],
+        "macro_f1": report["macro_f1"],
+        "confusion_matrix": report["confusion_matrix"],
+        "labels": report["labels"],
+    }
+
+
+def confusion_report(matrix: Any, labels: Sequence[str]) -> dict[str, Any]:
+    """Accuracy, per-class precision/recall/F1/support and macro F1 from a confusion matrix.
+
+    Args:
+        matrix: C x C counts, rows = true label, columns = predicted label, in ``labels`` order.
+        labels: the C class names.
+
+    Returns:
+        ``{"examples", "accuracy", "per_class", "macro_f1", "confusion_matrix", "labels"}``
+        with ``None`` averages when the matrix is empty (see :func:`classification_report`).
+    """
+    labels = [str(label) for label in labels]
+    matrix = np.asarray(matrix, dtype=np.int64)
+    if matrix.shape != (len(labels), len(labels)):
+        raise ValueError(
+            f"confusion matrix shape {matrix.shape} does not match {len(labels)} labels"
+        )
     true_positives = np.diag(matrix).astype(np.float64)
     support = matrix.sum(axis=1)
     predicted = matrix.sum(axis=0)
     precision = _safe_divide(true_positives, predicted.astype(np.float64))
     recall = _safe_divide(true_positives, support.astype(np.float64))
     f1 = _safe_divide(2.0 * precision * recall, precision + recall)
-
-    if num_examples:
-        true_probs = probs[np.arange(num_examples), y]
-        higher = np.sum(probs > true_probs[:, None], axis=1)
-        accuracy: float | None = float(np.mean(y_pred == y))
-        top_k_accuracy: float | None = float(np.mean(higher < k))
-        loss: float | None = float(-np.mean(np.log(np.clip(true_probs, EPSILON, 1.0))))
-        macro_f1: float | None = float(np.mean(f1))
-    else:
-        _LOGGER.warning("classification_report called with no examples; averages are None.")
-        accuracy = top_k_accuracy = loss = macro_f1 = None
-
+    total = int(matrix.sum())
     per_class = {
         label: {
             "precision": float(precision[i]),
@@ -174,13 +201,10 @@ def classification_report(
         for i, label in enumerate(labels)
     }
     return {
-        "examples": int(num_examples),
-        "accuracy": accuracy,
-        "top_k_accuracy": top_k_accuracy,
-        "k": int(k),
-        "loss": loss,
+        "examples": total,
+        "accuracy": float(true_positives.sum() / total) if total else None,
         "per_class": per_class,
-        "macro_f1": macro_f1,
+        "macro_f1": float(np.mean(f1)) if total else None,
         "confusion_matrix": matrix.tolist(),
         "labels": labels,
     }

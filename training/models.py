@@ -71,7 +71,9 @@ def backbone_layer(spec: BackboneSpec, trainable: bool = False):
     """The backbone as a ``hub.KerasLayer`` (loaded from its handle, cached by TF-Hub)."""
     import tensorflow_hub as hub
 
-    return hub.KerasLayer(spec.handle, trainable=trainable, name="backbone")
+    from pipeline.backbone import local_handle
+
+    return hub.KerasLayer(local_handle(spec.handle), trainable=trainable, name="backbone")
 
 
 def image_classifier(
