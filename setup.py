@@ -35,6 +35,7 @@ setuptools.setup(
         "console_scripts": [
             "hubflow-preprocess=pipeline.preprocess:main",
             "hubflow-train=training.task:main",
+            "hubflow-predict=pipeline.predict:main",
             "hubflow-demo=training.demo:main",
         ],
     },

@@ -223,6 +223,15 @@ def reencode(
     return EncodedImage(jpeg=encode_jpeg(image, quality), height=image.height, width=image.width)
 
 
+def image_format(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> str:
+    """Pillow's format name of encoded image bytes (``"JPEG"``, ``"PNG"`` …), from the header.
+
+    Raises:
+      ImageError: for empty, unrecognised or oversized data (as :func:`validate`).
+    """
+    return _open(data, max_pixels).format
+
+
 def _check_positive(name: str, value: int) -> None:
     if value < 1:
         raise ValueError(f"{name} must be a positive number of pixels, got {value!r}")

@@ -23,6 +23,7 @@ from apache_beam.runners.runner import PipelineResult
 
 from pipeline import analyze, csv_rows, images, transforms
 from pipeline import backbone as backbone_lib
+from pipeline.cli import Parser, UsageError, fraction, positive_int, unknown_flags
 from schemas import backbones, csv_format, features
 from schemas import manifest as manifest_lib
 from schemas.backbones import BackboneSpec
@@ -40,43 +41,8 @@ _VERSIONED_PACKAGES = (
 )
 
 
-class UsageError(ValueError):
-    """A user mistake in the command line, reported as one line naming the flag."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise UsageError(message)
-
-
-def _positive_int(flag: str):
-    def parse(value: str) -> int:
-        try:
-            number = int(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} must be an integer, got {value!r}") from None
-        if number <= 0:
-            raise argparse.ArgumentTypeError(f"{flag} must be positive, got {number}")
-        return number
-
-    return parse
-
-
-def _fraction(flag: str):
-    def parse(value: str) -> float:
-        try:
-            number = float(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} must be a number, got {value!r}") from None
-        if not 0.0 <= number < 1.0:
-            raise argparse.ArgumentTypeError(f"{flag} must be in [0, 1), got {number}")
-        return number
-
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description=__doc__.splitlines()[0])
+    parser = Parser(prog=PROG, description=__doc__.splitlines()[0])
     src = parser.add_argument_group("input (one of)")
     src.add_argument(
         "--input_csv",
@@ -101,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--image_size",
-        type=_positive_int("--image_size"),
+        type=positive_int("--image_size"),
         default=None,
         help="backbone input size when the model does not fix it",
     )
@@ -112,24 +78,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--batch_size",
-        type=_positive_int("--batch_size"),
+        type=positive_int("--batch_size"),
         default=32,
         help="largest embedding batch (default 32)",
     )
-    parser.add_argument("--eval_fraction", type=_fraction("--eval_fraction"), default=0.1)
-    parser.add_argument("--test_fraction", type=_fraction("--test_fraction"), default=0.1)
+    parser.add_argument("--eval_fraction", type=fraction("--eval_fraction"), default=0.1)
+    parser.add_argument("--test_fraction", type=fraction("--test_fraction"), default=0.1)
     parser.add_argument(
-        "--jpeg_quality", type=_positive_int("--jpeg_quality"), default=images.DEFAULT_JPEG_QUALITY
+        "--jpeg_quality", type=positive_int("--jpeg_quality"), default=images.DEFAULT_JPEG_QUALITY
     )
     parser.add_argument(
         "--max_image_side",
-        type=_positive_int("--max_image_side"),
+        type=positive_int("--max_image_side"),
         default=None,
         help="downscale so the longer side is at most this (default: keep size)",
     )
     parser.add_argument(
         "--max_image_pixels",
-        type=_positive_int("--max_image_pixels"),
+        type=positive_int("--max_image_pixels"),
         default=images.DEFAULT_MAX_PIXELS,
         help="reject larger images without decoding them (decompression bombs)",
     )
@@ -194,21 +160,6 @@ def _existing_outputs(output_dir: str) -> list[str]:
     return found
 
 
-def _unknown_flags(beam_args: Sequence[str]) -> list[str]:
-    """Flags that neither hubflow nor any registered Beam options class knows (typos)."""
-    from apache_beam.options import pipeline_options as po
-
-    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    classes = {str(c): c for c in po.PipelineOptions.__subclasses__()}
-    try:
-        for cls in classes.values():
-            cls._add_argparse_args(parser)
-    except (argparse.ArgumentError, AttributeError, TypeError):
-        return []  # Beam's option classes changed shape: let Beam itself warn
-    _, unknown = parser.parse_known_args(list(beam_args))
-    return [a.split("=", 1)[0] for a in unknown if a.startswith("-")]
-
-
 def parse_config(argv: Sequence[str] | None = None) -> tuple[Config, list[str]]:
     """Parses and validates the app flags; returns the config and the remaining Beam flags.
 
@@ -216,7 +167,7 @@ def parse_config(argv: Sequence[str] | None = None) -> tuple[Config, list[str]]:
       UsageError: naming the offending flag.
     """
     args, beam_args = build_parser().parse_known_args(argv)
-    unknown = _unknown_flags(beam_args)
+    unknown = unknown_flags(beam_args)
     if unknown:
         raise UsageError(f"unrecognized flag {unknown[0]} (see --help)")
     if not args.output_dir:

@@ -1,0 +1,186 @@
+"""Batch prediction on the DirectRunner with a model trained in a fixture."""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from pipeline import predict, preprocess
+from tests.conftest import CLASS_COLOURS, photo, write_dataset
+from training import task
+from training.config import parse_config
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_backbone):
+    root = tmp_path_factory.mktemp("predict_images")
+    files = write_dataset(root, per_class=16)
+    data = str(tmp_path_factory.mktemp("predict_data"))
+    preprocess.run(
+        [
+            f"--image_dir={root}",
+            f"--output_dir={data}",
+            f"--backbone={tiny_backbone}",
+            "--eval_fraction=0.2",
+            "--test_fraction=0.2",
+        ]
+    )
+    model_dir = tmp_path_factory.mktemp("predict_model")
+    task.train(
+        parse_config(
+            [
+                f"--data_dir={data}",
+                f"--model_dir={model_dir}",
+                "--epochs=60",
+                "--learning_rate=0.01",
+            ]
+        )
+    )
+    return root, files, str(model_dir)
+
+
+def _lines(pattern):
+    out = []
+    for path in glob.glob(pattern):
+        out += [json.loads(x) for x in open(path) if x.strip()]
+    return out
+
+
+def test_predictions_match_the_savedmodel_and_errors_are_recorded(trained, tmp_path):
+    root, files, model_dir = trained
+    (root / "broken.jpg").write_bytes((root / files["rose"][0]).read_bytes()[:300])
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(photo(CLASS_COLOURS["rose"]))).save(buf, "WEBP")
+    (root / "rose.webp").write_bytes(buf.getvalue())
+    good = [(p, label) for label, paths in files.items() for p in paths[:6]]
+    rows = ["image_uri,label"] + [f"{p},{label}" for p, label in good]
+    rows += [
+        "broken.jpg,rose",
+        "missing.jpg,tulip",
+        "rose.webp,rose",
+        f"{files['tulip'][7]},lily",
+        f"{files['daisy'][7]},",
+    ]
+    csv_path = root / "score.csv"
+    csv_path.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    # the parent of export/<n>: the highest version is used
+    assert (
+        predict.main(
+            [
+                f"--model={model_dir}/export",
+                f"--input_csv={csv_path}",
+                f"--output_dir={out}",
+                "--batch_size=4",
+                "--format=csv",
+            ]
+        )
+        == 0
+    )
+
+    predictions = {os.path.basename(p["uri"]): p for p in _lines(str(out / "predictions-*.jsonl"))}
+    errors = {os.path.basename(e["uri"]): e for e in _lines(str(out / "errors-*.jsonl"))}
+    assert len(predictions) == len(good) + 2 and len(errors) == 3
+    assert errors["broken.jpg"]["category"] == "undecodable"
+    assert errors["missing.jpg"]["category"] == "unreadable"
+    assert errors["rose.webp"]["category"] == "unsupported_format"
+    assert errors["broken.jpg"]["line"] == len(good) + 2
+
+    serve = tf.saved_model.load(f"{model_dir}/export/1").signatures["serving_default"]
+    names = sorted(predictions)
+    direct = serve(
+        image_bytes=tf.constant([open(predictions[n]["uri"], "rb").read() for n in names])
+    )
+    assert [predictions[n]["label"] for n in names] == [
+        c.decode() for c in direct["classes"].numpy()
+    ]
+    np.testing.assert_allclose(
+        [predictions[n]["score"] for n in names], direct["scores"].numpy(), rtol=1e-5
+    )
+    assert len(predictions[names[0]]["top_k"]) == 3
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["images"] == len(rows) - 1 == summary["predictions"] + summary["errors"]
+    assert summary["unknown_labels"] == {"lily": 1}
+    # metrics over the labeled rows whose label the model knows, computed by hand
+    labels = sorted(CLASS_COLOURS)
+    matrix = np.zeros((3, 3), int)
+    for p, label in good:
+        matrix[labels.index(label), labels.index(predictions[os.path.basename(p)]["label"])] += 1
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["confusion_matrix"] == matrix.tolist()
+    assert metrics["accuracy"] == pytest.approx(np.trace(matrix) / matrix.sum())
+    assert (out / "confusion_matrix.png").stat().st_size > 0
+    csv_lines = (out / "predictions.csv").read_text().splitlines()
+    assert csv_lines[0] == "uri,label,score,top_k,true_label" and len(csv_lines) == len(good) + 3
+
+
+def test_input_pattern_without_labels(trained, tmp_path):
+    root, files, model_dir = trained
+    out = tmp_path / "out"
+    predict.run(
+        [
+            f"--model={model_dir}/export/1",
+            f"--input_pattern={root}/daisy/*.jpg",
+            f"--output_dir={out}",
+        ]
+    )
+    predictions = _lines(str(out / "predictions-*.jsonl"))
+    assert len(predictions) == len(files["daisy"])
+    assert all("true_label" not in p for p in predictions)
+    assert not (out / "metrics.json").exists()
+    assert sum(p["label"] == "daisy" for p in predictions) >= 0.9 * len(predictions)
+
+
+def test_one_undecodable_image_does_not_fail_its_batch(trained):
+    root, files, model_dir = trained
+    handler = predict.ServingSignatureModelHandler(f"{model_dir}/export/1")
+    model = handler.load_model()
+    good = (root / files["rose"][0]).read_bytes()
+    results = handler.run_inference([good, b"not an image", good], model)
+    assert isinstance(results[1].inference, Exception)
+    assert results[0].inference["label"] == results[2].inference["label"]
+
+
+def test_summarize_by_hand():
+    summary = predict.summarize(
+        5,
+        {"unreadable": 1},
+        [(("a", "a"), 2), (("a", "b"), 1), (("b", "b"), 1), (("z", "a"), 1)],
+        ["a", "b"],
+    )
+    assert summary["images"] == 6 and summary["unknown_label_predictions"] == 1
+    metrics = summary["metrics"]
+    assert metrics["confusion_matrix"] == [[2, 1], [0, 1]]
+    assert metrics["accuracy"] == pytest.approx(3 / 4)
+    assert metrics["per_class"]["a"]["recall"] == pytest.approx(2 / 3)
+    assert metrics["per_class"]["b"]["precision"] == pytest.approx(1 / 2)
+
+
+def test_misuse(capsys, tmp_path, trained):
+    _, _, model_dir = trained
+    assert (
+        predict.main([f"--model={tmp_path}", "--input_pattern=x", f"--output_dir={tmp_path}/o"])
+        == 2
+    )
+    assert "--model" in capsys.readouterr().err
+    assert (
+        predict.main(
+            [
+                f"--model={model_dir}/export",
+                f"--input_pattern={tmp_path}/none*.jpg",
+                f"--output_dir={tmp_path}/o",
+            ]
+        )
+        == 2
+    )
+    assert "--input_pattern" in capsys.readouterr().err
