@@ -116,7 +116,9 @@ class ServingSignatureModelHandler(ModelHandler[bytes, PredictionResult, _Loaded
         return "hubflow_predict"
 
     def batch_elements_kwargs(self) -> dict[str, Any]:
-        return {"min_batch_size": 1, "max_batch_size": self._max_batch_size}
+        # Fixed-size batches: the adaptive estimator settles on tiny batches when per-image
+        # CPU work (decode, re-encode) competes with the model, and the model is fastest batched.
+        return {"min_batch_size": self._max_batch_size, "max_batch_size": self._max_batch_size}
 
 
 # ---------------------------------------------------------------------------------------------
