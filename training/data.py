@@ -94,6 +94,12 @@ def decode_batch(preprocess: Callable, shape: tuple[int, int, int]) -> Callable:
     return decode
 
 
+# Parsed features are cached in memory (once, before shuffling) when they fit in this budget:
+# heads on embeddings and small from-scratch images are otherwise bound by re-reading and
+# decompressing records that also carry the JPEG, every epoch.
+CACHE_LIMIT_BYTES = 2 << 30
+
+
 def make_dataset(
     files: list[str],
     manifest: manifest_lib.Manifest,
@@ -101,11 +107,14 @@ def make_dataset(
     *,
     training: bool,
     augmenter: Callable[[tf.Tensor], tf.Tensor] | None = None,
+    num_examples: int | None = None,
 ) -> tf.data.Dataset:
     """``(features, label)`` batches of one split.
 
     Features are the raw stored embedding (the model normalises it) or the preprocessed image.
-    Shuffling and augmentation happen only when ``training``.
+    Shuffling and augmentation happen only when ``training``. Parsed (and, for images,
+    decoded and resized) examples are cached in memory when ``num_examples`` says they fit in
+    :data:`CACHE_LIMIT_BYTES`; backbone-sized images are not cached.
     """
     spec = features.feature_spec(manifest.backbone.embedding_dim)
     key = features.IMAGE_ENCODED if config.uses_images else features.EMBEDDING
@@ -113,31 +122,35 @@ def make_dataset(
     dataset = tf.data.TFRecordDataset(
         files, compression_type=features.TFRECORD_COMPRESSION, num_parallel_reads=AUTOTUNE
     )
-    if training:
-        dataset = dataset.shuffle(10_000, seed=config.seed, reshuffle_each_iteration=True)
     if config.uses_images:
-        preprocess, _ = image_preprocessor(config, manifest)
+        preprocess, shape = image_preprocessor(config, manifest)
+        example_bytes = 4 * shape[0] * shape[1] * shape[2]
 
-        def parse_image(record):
+        def parse(record):
             parsed = tf.io.parse_single_example(record, wanted)
             return preprocess(parsed[key]), parsed[features.LABEL]
 
-        dataset = dataset.map(parse_image, num_parallel_calls=AUTOTUNE, deterministic=not training)
-        dataset = dataset.batch(config.batch_size)
-        if training and augmenter is not None:
-            dataset = dataset.map(lambda x, y: (augmenter(x), y), num_parallel_calls=AUTOTUNE)
     else:
-        dataset = dataset.batch(config.batch_size).map(
-            lambda records: _parse_batch(records, wanted, key), num_parallel_calls=AUTOTUNE
-        )
-        if not training:
-            dataset = dataset.cache()
+        example_bytes = 4 * manifest.backbone.embedding_dim
+
+        def parse(record):
+            parsed = tf.io.parse_single_example(record, wanted)
+            return parsed[key], parsed[features.LABEL]
+
+    cache = num_examples is not None and num_examples * example_bytes <= CACHE_LIMIT_BYTES
+    if training and not cache:
+        dataset = dataset.shuffle(10_000, seed=config.seed, reshuffle_each_iteration=True)
+    dataset = dataset.map(parse, num_parallel_calls=AUTOTUNE, deterministic=not training or cache)
+    if cache:
+        dataset = dataset.cache()
+        if training:
+            dataset = dataset.shuffle(
+                min(num_examples, 100_000), seed=config.seed, reshuffle_each_iteration=True
+            )
+    dataset = dataset.batch(config.batch_size)
+    if training and augmenter is not None:
+        dataset = dataset.map(lambda x, y: (augmenter(x), y), num_parallel_calls=AUTOTUNE)
     return dataset.prefetch(AUTOTUNE)
-
-
-def _parse_batch(records, wanted, key):
-    parsed = tf.io.parse_example(records, wanted)
-    return parsed[key], parsed[features.LABEL]
 
 
 def class_weights(manifest: manifest_lib.Manifest) -> dict[int, float]:

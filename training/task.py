@@ -303,11 +303,17 @@ def train(config: TrainConfig) -> TrainResult:
             ),
             seed=config.seed,
         )
-    train_ds = data.make_dataset(
-        dataset.files[csv_format.TRAIN], manifest, config, training=True, augmenter=augmenter
+    train_ds, eval_ds, test_ds = (
+        data.make_dataset(
+            dataset.files[split],
+            manifest,
+            config,
+            training=split == csv_format.TRAIN,
+            augmenter=augmenter,
+            num_examples=dataset.counts[split],
+        )
+        for split in csv_format.SPLITS
     )
-    eval_ds = data.make_dataset(dataset.files[csv_format.EVAL], manifest, config, training=False)
-    test_ds = data.make_dataset(dataset.files[csv_format.TEST], manifest, config, training=False)
     steps_per_epoch = math.ceil(dataset.counts[csv_format.TRAIN] / config.batch_size)
     class_weight = data.class_weights(manifest) if config.class_weight == "balanced" else None
     preprocess, image_shape = data.image_preprocessor(config, manifest)

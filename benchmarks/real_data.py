@@ -1,0 +1,484 @@
+"""Real-data benchmark: the whole product (preprocessing job + trainer) on real photos and digits.
+
+Usage::
+
+    python benchmarks/real_data.py [--work_dir DIR] [--skip PART ...] [--augment_epochs 4]
+                                   [--fine_tune_epochs 2] [--fine_tune_head_epochs 2]
+                                   [--fine_tune_layers 20] [--mnist_backbone standin|efficientnet_lite0]
+                                   [--job_flag=--direct_running_mode=multi_processing ...]
+
+``PART`` is one of ``catsdogs`` (all of part 1), ``head``, ``augment``, ``fine_tune``,
+``mnist`` (all of part 2), ``linear``, ``dnn``, ``cnn``. ``--reuse_data`` keeps a dataset whose
+``manifest.json`` already exists in ``--work_dir`` instead of rebuilding (its preprocessing is then
+not timed).
+
+Method (one run prints every figure and writes ``<work_dir>/real_data_benchmark.json``, rewritten
+after every step so a partial run keeps what it measured):
+
+1. **cats-vs-dogs-2k** (``/work/shared/data/cats-vs-dogs-2k``, 2,000 real Kaggle photos).
+   A label CSV with the header ``image_uri,label,split`` is written to ``work_dir``: the 1,000
+   ``train/{cats,dogs}`` photos with a blank split (hashed by the job into train/eval with
+   ``--eval_fraction 0.2 --test_fraction 0``, so none of them can land in test) and the 1,000
+   ``test/{cats,dogs}`` photos pinned with ``split=test``. Labels are the folder names. The real
+   preprocessing job (``python -m pipeline.preprocess``, DirectRunner, default
+   ``--backbone efficientnet_lite0``: ImageNet weights from the pip weights package, cached in
+   ``$HUBFLOW_CACHE``) runs in a subprocess; images/s = rows read / job wall time (process start,
+   imports, backbone load, tf.Transform analysis and writing included). The embedding rate the
+   job itself logs (``embedded images: … N/s``, last line per worker, summed) is also reported.
+   Then the trainer (``python -m training.task``, a subprocess each, own ``--model_dir``,
+   ``--overwrite``) runs three ways, reporting test accuracy (``metrics.json``, the model the
+   trainer returns: best eval-loss weights), eval accuracy, epochs run per stage
+   (``history.json``), the trainer's own ``train_seconds`` and the subprocess wall time:
+
+   a. the embedding head with the DEFAULT flags only (target test accuracy >= 0.98; a tuned
+      logistic regression on the same Lite0 features reaches 0.987);
+   b. ``--features image --augment --epochs A`` (A = ``--augment_epochs``, default 4, so it
+      fits in about 10 minutes on 2 cores; every other flag default);
+   c. ``--features image --fine_tune --epochs H --fine_tune_epochs F --fine_tune_layers L``
+      (defaults 2, 2, 20).
+
+   (b) and (c) have no product target; they are reported against the 0.98 of (a) for reference.
+
+2. **mnist-10k** (``/work/shared/data/mnist-10k/labels.csv``, 10,000 real 28x28 digits, paths
+   relative to the CSV). Preprocessed with ``--eval_fraction 0.1 --test_fraction 0.2`` (a
+   hashed, held-out 20% test split). The from-scratch models never read the embedding, but the
+   job embeds every image anyway; by default it uses the small random stand-in backbone of
+   ``pipeline.sample.save_standin_backbone`` (64 px -> 32-d) to save time
+   (``--mnist_backbone efficientnet_lite0`` uses the real default instead). Then
+   ``--model linear|dnn|cnn --image_size 28 --channels 1`` with default epochs (30, early
+   stopping on eval loss, patience 5), against the targets linear >= 0.90, dnn >= 0.95,
+   cnn >= 0.98.
+
+Every step records the 1-minute load average just before it and the CPU seconds its subprocess
+used (user + system), next to its wall time. The machine is shared with other jobs, so the
+timings are noisy: compare CPU seconds, and wall times only between runs with similar load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import re
+import resource
+import shlex
+import subprocess
+import sys
+import time
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_DATA = os.path.normpath(os.path.join(REPO_ROOT, "..", "shared", "data"))
+RESULTS_FILE = "real_data_benchmark.json"
+CATSDOGS_TARGET = 0.98
+MNIST_TARGETS = {"linear": 0.90, "dnn": 0.95, "cnn": 0.98}
+PARTS = ("catsdogs", "head", "augment", "fine_tune", "mnist", "linear", "dnn", "cnn")
+_PROGRESS = re.compile(r"embedded images: (\d+)(?: of \d+ \([^)]*\))?, ([\d.]+)/s.*\[pid (\d+)\]")
+
+
+class BenchmarkError(RuntimeError):
+    """A subprocess failed or produced no usable output."""
+
+
+def _log(message: str = "") -> None:
+    print(message, flush=True)
+
+
+def _load() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_step(command: list[str], log_path: str) -> dict:
+    """Runs ``command`` (output to ``log_path``); returns wall/CPU seconds and the load before.
+
+    Raises:
+      BenchmarkError: the command exited non-zero (with the tail of its log).
+    """
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO_ROOT, env.get("PYTHONPATH")]))
+    load = _load()
+    _log(f"  $ {shlex.join(command)}")
+    _log(f"    (load average 1 min before: {load}; log: {log_path})")
+    cpu0, start = _children_cpu(), time.perf_counter()
+    with open(log_path, "wb") as log:
+        code = subprocess.call(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=log)
+    wall, cpu = time.perf_counter() - start, _children_cpu() - cpu0
+    if code != 0:
+        with open(log_path, encoding="utf-8", errors="replace") as f:
+            tail = "".join(f.readlines()[-25:])
+        raise BenchmarkError(f"exit {code}: {shlex.join(command)}\n{tail}")
+    return {
+        "command": shlex.join(command),
+        "load_1m_before": load,
+        "wall_s": round(wall, 1),
+        "cpu_s": round(cpu, 1),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Preprocessing
+# ----------------------------------------------------------------------------------------------
+
+
+def write_catsdogs_csv(data_dir: str, path: str) -> dict[str, int]:
+    """Label CSV ``image_uri,label,split``: train/* rows blank-split, test/* rows ``test``."""
+    counts: dict[str, int] = {}
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image_uri", "label", "split"])
+        for folder, split in (("train", ""), ("test", "test")):
+            root = os.path.join(data_dir, folder)
+            for label in sorted(d for d in os.listdir(root) if not d.startswith(".")):
+                names = sorted(
+                    n for n in os.listdir(os.path.join(root, label)) if not n.startswith(".")
+                )
+                for name in names:
+                    writer.writerow([os.path.join(root, label, name), label, split])
+                counts[f"{folder}/{label}"] = len(names)
+    return counts
+
+
+def _embed_rate(log_path: str) -> float | None:
+    """Sum over workers of the last ``embedded images: … N/s`` rate the job logged."""
+    last: dict[str, float] = {}
+    with open(log_path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            m = _PROGRESS.search(line)
+            if m:
+                last[m.group(3)] = float(m.group(2))
+    return round(sum(last.values()), 1) if last else None
+
+
+def preprocess(name: str, job_args: list[str], args, work_dir: str) -> dict:
+    output_dir = os.path.join(work_dir, name)
+    manifest_path = os.path.join(output_dir, "manifest.json")
+    info: dict = {"output_dir": output_dir}
+    if args.reuse_data and os.path.exists(manifest_path):
+        _log(f"  reusing {output_dir} (--reuse_data; preprocessing not timed)")
+        info["reused"] = True
+    else:
+        command = [
+            sys.executable,
+            "-m",
+            "pipeline.preprocess",
+            *job_args,
+            f"--output_dir={output_dir}",
+            "--overwrite",
+            *args.job_flag,
+        ]
+        log_path = os.path.join(work_dir, f"{name}_preprocess.log")
+        info.update(run_step(command, log_path))
+        info["job_embed_rate_per_s"] = _embed_rate(log_path)
+    with open(manifest_path, encoding="utf-8") as f:
+        manifest = json.load(f)
+    info["rows"] = manifest["rows"]
+    info["rejected_by_reason"] = manifest.get("rejected_by_reason", {})
+    info["splits"] = {split: v["count"] for split, v in manifest["splits"].items()}
+    info["split_labels"] = {split: v["labels"] for split, v in manifest["splits"].items()}
+    info["backbone"] = manifest["backbone"]
+    if "wall_s" in info:
+        info["images_per_s"] = round(manifest["rows"]["read"] / info["wall_s"], 1)
+    if min(info["splits"].values()) == 0:
+        raise BenchmarkError(f"{output_dir}: a split is empty: {info['splits']}")
+    r = info["rows"]
+    _log(
+        f"  rows read {r['read']} = written {r['written']} + duplicates {r['duplicates']} "
+        f"+ rejected {r['rejected']}; splits {info['splits']}"
+    )
+    if "wall_s" in info:
+        _log(
+            f"  {info['wall_s']:.1f} s wall, {info['cpu_s']:.1f} s CPU, "
+            f"{info['images_per_s']} images/s end to end; "
+            f"job-logged embedding rate {info['job_embed_rate_per_s']}/s"
+        )
+    return info
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+
+
+def train(name: str, data_dir: str, flags: list[str], work_dir: str) -> dict:
+    model_dir = os.path.join(work_dir, f"model_{name}")
+    command = [
+        sys.executable,
+        "-m",
+        "training.task",
+        f"--data_dir={data_dir}",
+        f"--model_dir={model_dir}",
+        "--overwrite",
+        *flags,
+    ]
+    info = {"flags": flags, "model_dir": model_dir}
+    info.update(run_step(command, os.path.join(work_dir, f"{name}_train.log")))
+    with open(os.path.join(model_dir, "metrics.json"), encoding="utf-8") as f:
+        metrics = json.load(f)
+    with open(os.path.join(model_dir, "history.json"), encoding="utf-8") as f:
+        history = json.load(f)
+    with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
+        resolved = json.load(f)["train"]
+    test, evaluation = metrics["test"], metrics["eval"]
+    stages: dict[str, int] = {}
+    for stage in history.get("stage", []):
+        stages[stage] = stages.get(stage, 0) + 1
+    val_loss = history.get("val_loss", [])
+    info.update(
+        test_accuracy=round(test["accuracy"], 4),
+        test_examples=test["examples"],
+        test_loss=round(test["loss"], 4),
+        eval_accuracy=round(evaluation["accuracy"], 4),
+        eval_examples=evaluation["examples"],
+        train_seconds=metrics.get("train_seconds"),
+        epochs_run=stages,
+        epochs_max=resolved["epochs"],
+        batch_size=resolved["batch_size"],
+        best_epoch=(val_loss.index(min(val_loss)) + 1) if val_loss else None,
+        history={k: [round(v, 4) for v in vs] for k, vs in history.items() if k != "stage"},
+        history_stage=history.get("stage", []),
+        confusion_matrix=test.get("confusion_matrix"),
+    )
+    _log(
+        f"  test accuracy {info['test_accuracy']:.4f} ({info['test_examples']} examples), "
+        f"eval {info['eval_accuracy']:.4f}; epochs {stages} (max {resolved['epochs']}, "
+        f"best eval-loss epoch {info['best_epoch']}); train {info['train_seconds']} s, "
+        f"wall {info['wall_s']:.1f} s, CPU {info['cpu_s']:.1f} s"
+    )
+    return info
+
+
+# ----------------------------------------------------------------------------------------------
+# Driver
+# ----------------------------------------------------------------------------------------------
+
+
+def _save(results: dict, work_dir: str) -> None:
+    path = os.path.join(work_dir, RESULTS_FILE)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def _attempt(results: dict, key: str, work_dir: str, fn, *a):
+    """Runs one step; a failure is recorded (and printed) instead of ending the benchmark."""
+    try:
+        results[key] = fn(*a)
+    except BenchmarkError as e:
+        _log(f"  FAILED: {e}")
+        results[key] = {"error": str(e)}
+    _save(results, work_dir)
+    return results[key]
+
+
+def _table(results: dict) -> str:
+    rows = [("step", "test acc", "target", "result", "wall s", "CPU s", "load", "notes")]
+
+    def add_prep(key, label):
+        p = results.get(key)
+        if not p:
+            return
+        if "error" in p:
+            rows.append((label, "-", "-", "ERROR", "-", "-", "-", "see log"))
+            return
+        if p.get("reused"):
+            rows.append((label, "-", "-", "-", "-", "-", "-", "reused, not timed"))
+            return
+        note = f"{p['images_per_s']} img/s e2e, embed {p['job_embed_rate_per_s']}/s, "
+        note += "splits " + "/".join(str(p["splits"][s]) for s in ("train", "eval", "test"))
+        rows.append(
+            (label, "-", "-", "-", f"{p['wall_s']:.0f}", f"{p['cpu_s']:.0f}",
+             f"{p['load_1m_before']}", note)
+        )  # fmt: skip
+
+    def add_train(key, label, target, binding=True):
+        t = results.get(key)
+        if not t:
+            return
+        if "error" in t:
+            rows.append((label, "-", f">={target}", "ERROR", "-", "-", "-", "see log"))
+            return
+        ok = t["test_accuracy"] >= target
+        verdict = ("PASS" if ok else "FAIL") if binding else ("(>=)" if ok else "(<)")
+        epochs = "+".join(f"{n}" for n in t["epochs_run"].values())
+        note = f"epochs {epochs}, train {t['train_seconds']} s"
+        rows.append(
+            (label, f"{t['test_accuracy']:.4f}", f">={target}", verdict, f"{t['wall_s']:.0f}",
+             f"{t['cpu_s']:.0f}", f"{t['load_1m_before']}", note)
+        )  # fmt: skip
+
+    add_prep("catsdogs_preprocess", "cats-dogs preprocess (lite0)")
+    add_train("catsdogs_head", "cats-dogs (a) head, defaults", CATSDOGS_TARGET)
+    add_train("catsdogs_augment", "cats-dogs (b) image+augment", CATSDOGS_TARGET, binding=False)
+    add_train("catsdogs_fine_tune", "cats-dogs (c) fine-tune", CATSDOGS_TARGET, binding=False)
+    mnist_backbone = results.get("options", {}).get("mnist_backbone", "")
+    add_prep("mnist_preprocess", f"mnist preprocess ({mnist_backbone})")
+    for model, target in MNIST_TARGETS.items():
+        add_train(f"mnist_{model}", f"mnist {model}", target)
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--work_dir", default="/tmp/hubflow-real-benchmark")
+    p.add_argument("--catsdogs_dir", default=os.path.join(SHARED_DATA, "cats-vs-dogs-2k"))
+    p.add_argument("--mnist_csv", default=os.path.join(SHARED_DATA, "mnist-10k", "labels.csv"))
+    p.add_argument("--skip", action="append", default=[], choices=PARTS)
+    p.add_argument("--augment_epochs", type=int, default=4)
+    p.add_argument("--fine_tune_head_epochs", type=int, default=2)
+    p.add_argument("--fine_tune_epochs", type=int, default=2)
+    p.add_argument("--fine_tune_layers", type=int, default=20)
+    p.add_argument(
+        "--mnist_backbone",
+        choices=("standin", "efficientnet_lite0"),
+        default="standin",
+        help="backbone the MNIST job embeds with (the scratch models ignore it)",
+    )
+    p.add_argument("--reuse_data", action="store_true", help="keep existing preprocessed data")
+    p.add_argument(
+        "--job_flag",
+        action="append",
+        default=[],
+        help="extra flag for the preprocessing jobs, e.g. "
+        "--job_flag=--direct_running_mode=multi_processing",
+    )
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    work_dir = os.path.abspath(args.work_dir)
+    os.makedirs(work_dir, exist_ok=True)
+    skip = set(args.skip)
+    command = shlex.join([sys.executable, *sys.argv])
+    results: dict = {
+        "command": command,
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "hubflow_cache": os.environ.get("HUBFLOW_CACHE", "~/.cache/hubflow (default)"),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "options": {
+            "augment_epochs": args.augment_epochs,
+            "fine_tune_head_epochs": args.fine_tune_head_epochs,
+            "fine_tune_epochs": args.fine_tune_epochs,
+            "fine_tune_layers": args.fine_tune_layers,
+            "mnist_backbone": args.mnist_backbone,
+            "job_flag": args.job_flag,
+            "skip": sorted(skip),
+        },
+    }
+    _log(f"command: {command}")
+    _log(f"CPUs: {os.cpu_count()}; load average 1/5/15 min: {os.getloadavg()}")
+    _log("(shared machine: timings are noisy; see the load before each step and the CPU s)")
+    started = time.perf_counter()
+
+    if "catsdogs" not in skip:
+        _log("\n== 1. cats-vs-dogs-2k, efficientnet_lite0 ==")
+        csv_path = os.path.join(work_dir, "catsdogs_labels.csv")
+        results["catsdogs_csv"] = {
+            "path": csv_path,
+            "files": write_catsdogs_csv(args.catsdogs_dir, csv_path),
+        }
+        _log(f"  label CSV {csv_path}: {results['catsdogs_csv']['files']}")
+        job = [
+            f"--input_csv={csv_path}",
+            "--backbone=efficientnet_lite0",
+            "--eval_fraction=0.2",
+            "--test_fraction=0",
+        ]
+        prep = _attempt(
+            results, "catsdogs_preprocess", work_dir, preprocess, "catsdogs", job, args, work_dir
+        )
+        data_dir = prep.get("output_dir")
+        steps = [
+            ("head", "(a) embedding head, default flags", []),
+            (
+                "augment",
+                f"(b) --features image --augment --epochs {args.augment_epochs}",
+                ["--features=image", "--augment", f"--epochs={args.augment_epochs}"],
+            ),
+            (
+                "fine_tune",
+                f"(c) --features image --fine_tune --epochs {args.fine_tune_head_epochs} "
+                f"--fine_tune_epochs {args.fine_tune_epochs} "
+                f"--fine_tune_layers {args.fine_tune_layers}",
+                [
+                    "--features=image",
+                    "--fine_tune",
+                    f"--epochs={args.fine_tune_head_epochs}",
+                    f"--fine_tune_epochs={args.fine_tune_epochs}",
+                    f"--fine_tune_layers={args.fine_tune_layers}",
+                ],
+            ),
+        ]
+        for key, title, flags in steps:
+            if key in skip or "error" in prep:
+                continue
+            _log(f"\n-- cats-vs-dogs {title}")
+            _attempt(
+                results, f"catsdogs_{key}", work_dir, train, f"catsdogs_{key}", data_dir, flags,
+                work_dir,
+            )  # fmt: skip
+
+    if "mnist" not in skip:
+        _log(f"\n== 2. mnist-10k, backbone {args.mnist_backbone} (unused by the models) ==")
+        backbone = args.mnist_backbone
+        if backbone == "standin":
+            backbone = os.path.join(work_dir, "standin_backbone")
+            if not os.path.isdir(backbone):
+                run_step(
+                    [
+                        sys.executable,
+                        "-c",
+                        "import sys; from pipeline.sample import save_standin_backbone; "
+                        "save_standin_backbone(sys.argv[1])",
+                        backbone,
+                    ],
+                    os.path.join(work_dir, "standin_backbone.log"),
+                )
+        job = [
+            f"--input_csv={args.mnist_csv}",
+            f"--backbone={backbone}",
+            "--eval_fraction=0.1",
+            "--test_fraction=0.2",
+        ]
+        prep = _attempt(
+            results, "mnist_preprocess", work_dir, preprocess, "mnist", job, args, work_dir
+        )
+        for model in MNIST_TARGETS:
+            if model in skip or "error" in prep:
+                continue
+            _log(f"\n-- mnist --model {model} --image_size 28 --channels 1 (default epochs)")
+            flags = [f"--model={model}", "--image_size=28", "--channels=1"]
+            _attempt(
+                results, f"mnist_{model}", work_dir, train, f"mnist_{model}", prep["output_dir"],
+                flags, work_dir,
+            )  # fmt: skip
+
+    results["total_wall_s"] = round(time.perf_counter() - started, 1)
+    results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    _save(results, work_dir)
+    _log("\n== summary ==")
+    _log(f"command: {command}")
+    _log(f"CPUs: {os.cpu_count()} (no GPU); total {results['total_wall_s']:.0f} s")
+    _log(_table(results))
+    _log(
+        "wall/CPU s are per subprocess (imports, evaluation and export included); load = 1-min "
+        "load average before the step. Shared machine: timings are noisy.\n"
+        "(b) and (c) have no product target: '(>=)'/'(<)' compare them with the 0.98 of (a)."
+    )
+    _log(f"results: {os.path.join(work_dir, RESULTS_FILE)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
