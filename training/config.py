@@ -123,7 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=MODEL_HEAD,
         help="head on a backbone (default) or a small net trained from scratch",
     )
-    p.add_argument("--dropout", type=float, default=0.2)
+    p.add_argument(
+        "--dropout",
+        type=float,
+        default=None,
+        help="dropout rate (default 0.2; 0.5 for --model cnn, whose dense layer overfits digits)",
+    )
     p.add_argument("--hidden_units", type=_units, default=(), help="e.g. 256,128 (default none)")
     p.add_argument("--augment", action="store_true", help="training-time augmentation (images)")
     for name in ("crop", "flip", "brightness", "contrast", "rotation", "zoom"):
@@ -195,6 +200,8 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
         raise UsageError(f"{flag} needs --features image (stored embeddings cannot be augmented)")
     if args.fine_tune and scratch:
         raise UsageError("--fine_tune applies to a backbone; --model linear|dnn|cnn has none")
+    if args.dropout is None:
+        args.dropout = 0.5 if args.model == "cnn" else 0.2
     for flag, value, low, high in (
         ("--dropout", args.dropout, 0.0, 0.99),
         ("--label_smoothing", args.label_smoothing, 0.0, 0.99),
