@@ -2,9 +2,10 @@
 
 Usage::
 
-    python benchmarks/real_data.py [--work_dir DIR] [--skip PART ...] [--augment_epochs 4]
+    python benchmarks/real_data.py [--work_dir DIR] [--skip PART ...] [--augment_epochs 8]
                                    [--fine_tune_epochs 2] [--fine_tune_head_epochs 2]
-                                   [--fine_tune_layers 20] [--mnist_backbone standin|efficientnet_lite0]
+                                   [--fine_tune_layers 20]
+                                   [--mnist_backbone standin|efficientnet_lite0]
                                    [--job_flag=--direct_running_mode=multi_processing ...]
 
 ``PART`` is one of ``catsdogs`` (all of part 1), ``head``, ``augment``, ``fine_tune``,
@@ -27,13 +28,15 @@ after every step so a partial run keeps what it measured):
    job itself logs (``embedded images: … N/s``, last line per worker, summed) is also reported.
    Then the trainer (``python -m training.task``, a subprocess each, own ``--model_dir``,
    ``--overwrite``) runs three ways, reporting test accuracy (``metrics.json``, the model the
-   trainer returns: best eval-loss weights), eval accuracy, epochs run per stage
-   (``history.json``), the trainer's own ``train_seconds`` and the subprocess wall time:
+   trainer returns: best eval-loss weights), eval accuracy, epochs run per stage and the
+   (1-based, over all stages) epoch of lowest eval loss (``history.json``), the trainer's own
+   ``train_seconds`` and the subprocess wall time:
 
    a. the embedding head with the DEFAULT flags only (target test accuracy >= 0.98; a tuned
       logistic regression on the same Lite0 features reaches 0.987);
-   b. ``--features image --augment --epochs A`` (A = ``--augment_epochs``, default 4, so it
-      fits in about 10 minutes on 2 cores; every other flag default);
+   b. ``--features image --augment --epochs A`` (A = ``--augment_epochs``, default 8, about
+      2-3 minutes on 2 cores, well inside a 10-minute budget; every other flag default, so early
+      stopping with patience 3 may end it sooner);
    c. ``--features image --fine_tune --epochs H --fine_tune_epochs F --fine_tune_layers L``
       (defaults 2, 2, 20).
 
@@ -247,7 +250,8 @@ def train(name: str, data_dir: str, flags: list[str], work_dir: str) -> dict:
     _log(
         f"  test accuracy {info['test_accuracy']:.4f} ({info['test_examples']} examples), "
         f"eval {info['eval_accuracy']:.4f}; epochs {stages} (max {resolved['epochs']}, "
-        f"best eval-loss epoch {info['best_epoch']}); train {info['train_seconds']} s, "
+        f"best eval-loss epoch over all stages {info['best_epoch']}); "
+        f"train {info['train_seconds']} s, "
         f"wall {info['wall_s']:.1f} s, CPU {info['cpu_s']:.1f} s"
     )
     return info
@@ -276,6 +280,23 @@ def _attempt(results: dict, key: str, work_dir: str, fn, *a):
     return results[key]
 
 
+def _git_revision() -> str:
+    """``HEAD``'s commit, with ``+dirty`` when tracked files differ (read-only git calls)."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except OSError:
+        return "unknown"
+    return (head or "unknown") + ("+dirty" if dirty else "")
+
+
 def _table(results: dict) -> str:
     rows = [("step", "test acc", "target", "result", "wall s", "CPU s", "load", "notes")]
 
@@ -289,7 +310,9 @@ def _table(results: dict) -> str:
         if p.get("reused"):
             rows.append((label, "-", "-", "-", "-", "-", "-", "reused, not timed"))
             return
-        note = f"{p['images_per_s']} img/s e2e, embed {p['job_embed_rate_per_s']}/s, "
+        embed = p["job_embed_rate_per_s"]
+        note = f"{p['images_per_s']} img/s e2e, "
+        note += f"embed {embed}/s (job log), " if embed else ""
         note += "splits " + "/".join(str(p["splits"][s]) for s in ("train", "eval", "test"))
         rows.append(
             (label, "-", "-", "-", f"{p['wall_s']:.0f}", f"{p['cpu_s']:.0f}",
@@ -306,7 +329,8 @@ def _table(results: dict) -> str:
         ok = t["test_accuracy"] >= target
         verdict = ("PASS" if ok else "FAIL") if binding else ("(>=)" if ok else "(<)")
         epochs = "+".join(f"{n}" for n in t["epochs_run"].values())
-        note = f"epochs {epochs}, train {t['train_seconds']} s"
+        note = f"n={t['test_examples']}, epochs {epochs} (best {t['best_epoch']}), "
+        note += f"train {t['train_seconds']} s"
         rows.append(
             (label, f"{t['test_accuracy']:.4f}", f">={target}", verdict, f"{t['wall_s']:.0f}",
              f"{t['cpu_s']:.0f}", f"{t['load_1m_before']}", note)
@@ -332,7 +356,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--catsdogs_dir", default=os.path.join(SHARED_DATA, "cats-vs-dogs-2k"))
     p.add_argument("--mnist_csv", default=os.path.join(SHARED_DATA, "mnist-10k", "labels.csv"))
     p.add_argument("--skip", action="append", default=[], choices=PARTS)
-    p.add_argument("--augment_epochs", type=int, default=4)
+    p.add_argument("--augment_epochs", type=int, default=8)
     p.add_argument("--fine_tune_head_epochs", type=int, default=2)
     p.add_argument("--fine_tune_epochs", type=int, default=2)
     p.add_argument("--fine_tune_layers", type=int, default=20)
@@ -362,6 +386,7 @@ def main(argv=None) -> int:
     results: dict = {
         "command": command,
         "cpu_count": os.cpu_count(),
+        "git_revision": _git_revision(),
         "platform": platform.platform(),
         "python": sys.version.split()[0],
         "hubflow_cache": os.environ.get("HUBFLOW_CACHE", "~/.cache/hubflow (default)"),
@@ -377,6 +402,7 @@ def main(argv=None) -> int:
         },
     }
     _log(f"command: {command}")
+    _log(f"code: {results['git_revision']}")
     _log(f"CPUs: {os.cpu_count()}; load average 1/5/15 min: {os.getloadavg()}")
     _log("(shared machine: timings are noisy; see the load before each step and the CPU s)")
     started = time.perf_counter()
