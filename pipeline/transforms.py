@@ -286,6 +286,7 @@ class ToExampleFn(beam.DoFn):
 def _failed_batch_errors(element) -> Iterator[ErrorRecord]:
     batch, exception = element
     for key, _ in batch:
+        _counter("rows_rejected_embed_failed").inc()
         yield ErrorRecord.for_row(
             key.accepted.row, "embed", "embed_failed", f"backbone failed: {_one_line(exception)}"
         )
