@@ -22,19 +22,29 @@ IMAGE_BYTES = "image_bytes"
 LABELS_FILE = "labels.txt"
 
 
+class _Untracked:
+    """Holds an object out of reach of TensorFlow's object-graph tracking."""
+
+    def __init__(self, value):
+        self.value = value
+
+
 class ServingModule(tf.Module):
     """Bytes in, labelled probabilities out."""
 
     def __init__(self, model: tf_keras.Model, labels: list[str], decode: Callable):
         super().__init__()
-        self.model = model
+        # Only the variables are tracked, not the Keras object: the export then holds the
+        # serving function alone and loads several times faster (no Keras layer functions).
+        self._model = _Untracked(model)
+        self.variables_to_serve = list(model.variables)
         self._decode = decode
         self._labels = tf.constant(labels)
         self._k = min(5, len(labels))
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=IMAGE_BYTES)])
     def serve(self, image_bytes: tf.Tensor) -> dict[str, tf.Tensor]:
-        probabilities = self.model(self._decode(image_bytes), training=False)
+        probabilities = self._model.value(self._decode(image_bytes), training=False)
         top = tf.math.top_k(probabilities, k=self._k)
         return {
             "probabilities": probabilities,
