@@ -22,15 +22,18 @@ Method (one run prints every figure):
    in [0, 1], i.e. already decoded and resized: the model alone. After a warm-up, batches are
    timed for ``--seconds`` per batch size, split into 3 round-robin rounds of which each batch
    size keeps its best (so drifting load from other work does not pick the winner); the best
-   batch size is the reference ("raw best") and the job's ``--batch_size``.
+   batch size is the reference ("raw best") and, unless ``--job_batch_size`` says otherwise, the
+   job's ``--batch_size``.
 4. **Stage costs.** To explain the end-to-end figure, the job's per-image work is timed on its own
-   on a sample of the images (fastest of 3 passes): read + sha256 + Pillow validation, Pillow
-   re-encode (JPEG q95), and the job's embed function (TF decode + resize + model, as
-   ``pipeline.inference`` compiles it). On the DirectRunner's default in-process mode these run
-   one after another, so the sum gives a modelled serial rate to compare the measured one with.
+   in one thread on a sample of the images (fastest of 3 passes): pass 2's read + sha256 +
+   Pillow validation, pass 3's read + sha256 + decode + JPEG re-encode (q95) + resize to the
+   backbone's pixels, GZIP of the finished records (Beam's default level 6 and the job's
+   setting), and the job's model call on uint8 pixels. The job runs the Pillow work on a thread
+   pool that overlaps the model, so on a machine the model already keeps busy the job's rate is
+   bounded by CPUs / (model CPU + image-work CPU) per image.
 5. **End to end.** For a tiny N (``--startup_n``, default 20; run ``--startup_repeats`` times,
    fastest kept) and then each N, the real job runs in a subprocess
-   (``python -m pipeline.preprocess ... --batch_size <best> --overwrite``, default DirectRunner)
+   (``python -m pipeline.preprocess ... --batch_size <B> --overwrite``, default DirectRunner)
    and is timed by wall clock. Memory is measured two ways: a sampler thread sums ``VmRSS`` over
    the job's whole process tree every 0.2 s (peak tree RSS), and GNU ``/usr/bin/time`` reports
    the kernel's peak RSS of the largest single process (``%M``; the largest sampled ``VmHWM``
@@ -303,15 +306,22 @@ def _best_pass_ms(fn, passes: int = 3) -> float:
 def stage_costs(work_dir: str, count: int, spec, embedder, batch: int, seconds: float) -> dict:
     """Times the job's per-image stages on their own, on the first ``count`` images.
 
-    Pillow stages run in this thread (as a DirectRunner bundle does); the embed function is the
-    job's ``decode_to_backbone_input`` + model in one ``tf.function``, fed the re-encoded JPEGs.
+    Each stage runs in this one thread, so its time is CPU time of one core (the job runs the
+    Pillow stages on a thread pool, overlapped with the model): pass 2's read + sha256 +
+    validation, pass 3's read + sha256 + decode + JPEG re-encode + resize to the backbone's
+    pixels (``EncodeFn.work``), GZIP of the finished records with Beam's default level 6 and
+    with the job's setting (:mod:`pipeline.sinks`), and the job's model call on uint8 pixels.
     """
+    import zlib
+
     import tensorflow as tf
 
-    from pipeline import images
-    from schemas.backbones import decode_to_backbone_input
+    from pipeline import images, sinks
+    from schemas import features
+    from schemas.backbones import pixels_to_backbone_input
 
     paths = [os.path.join(work_dir, image_relpath(i)) for i in range(count)]
+    size = spec.image_size
 
     def read_hash_validate() -> None:
         for path in paths:
@@ -321,42 +331,63 @@ def stage_costs(work_dir: str, count: int, spec, embedder, batch: int, seconds: 
             images.validate(data)
 
     reencoded: list[bytes] = []
+    pixels: list[np.ndarray] = []
 
-    def read_hash_reencode() -> None:
+    def read_hash_reencode_resize() -> None:
         reencoded.clear()
+        pixels.clear()
         for path in paths:
             with open(path, "rb") as f:
                 data = f.read()
             images.sha256_hex(data)
-            reencoded.append(images.reencode(data).jpeg)
+            image = images.decode_rgb(data)
+            reencoded.append(images.encode_jpeg(image))
+            pixels.append(images.backbone_pixels(image, size))
 
     validate_ms = _best_pass_ms(read_hash_validate) / count
-    reencode_ms = _best_pass_ms(read_hash_reencode) / count
+    encode_ms = _best_pass_ms(read_hash_reencode_resize) / count
 
-    size = spec.image_size
+    rng = np.random.default_rng(0)
+    records = [
+        features.make_example(
+            jpeg=jpeg, height=1, width=1, source=path, sha256="0" * 64, label=0,
+            label_text=CLASSES[0], embedding=rng.random(spec.embedding_dim, np.float32),
+        ).SerializeToString()
+        for jpeg, path in zip(reencoded, paths, strict=True)
+    ]  # fmt: skip
+    gzip = {}
+    for name, level, strategy in (
+        ("beam_default_level_6", 6, zlib.Z_DEFAULT_STRATEGY),
+        ("job", sinks.GZIP_LEVEL, sinks.GZIP_STRATEGY),
+    ):
+        compressed = [0]
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
-    def decode(encoded):
-        return decode_to_backbone_input(encoded, size)
+        def compress(level=level, strategy=strategy, compressed=compressed) -> None:
+            compressor = zlib.compressobj(level, zlib.DEFLATED, zlib.MAX_WBITS | 16, 8, strategy)
+            compressed[0] = sum(len(compressor.compress(r)) for r in records)
+            compressed[0] += len(compressor.flush())
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
-    def decode_and_embed(encoded):
-        return embedder(decode_to_backbone_input(encoded, size))
+        gzip[name] = {
+            "ms_per_record": _best_pass_ms(compress) / count,
+            "size_ratio": compressed[0] / sum(len(r) for r in records),
+        }
 
-    jpegs = tf.constant((reencoded * (batch // len(reencoded) + 1))[:batch])
-    calls, elapsed, _ = _time_calls(decode, jpegs, min(seconds, 5.0))
-    decode_rate = batch * calls / elapsed
-    calls, elapsed, _ = _time_calls(decode_and_embed, jpegs, seconds)
+    @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8)])
+    def embed(batch_pixels):
+        return embedder(pixels_to_backbone_input(batch_pixels))
+
+    stacked = tf.constant(np.stack((pixels * (batch // len(pixels) + 1))[:batch]))
+    calls, elapsed, _ = _time_calls(embed, stacked, seconds)
     embed_rate = batch * calls / elapsed
-    serial_ms = validate_ms + reencode_ms + 1000.0 / embed_rate
+    image_work_ms = validate_ms + encode_ms + gzip["job"]["ms_per_record"]
     return {
         "sample_images": count,
         "reencoded_mean_kib": float(np.mean([len(x) for x in reencoded])) / 1024,
         "read_hash_validate_ms": validate_ms,
-        "read_hash_reencode_ms": reencode_ms,
-        "tf_decode_resize_images_per_s": decode_rate,
-        "decode_resize_embed_images_per_s": embed_rate,
-        "modelled_serial_images_per_s": 1000.0 / serial_ms,
+        "read_hash_reencode_resize_ms": encode_ms,
+        "gzip": gzip,
+        "image_work_ms": image_work_ms,
+        "job_embed_images_per_s": embed_rate,
         "batch": batch,
     }
 
@@ -644,19 +675,27 @@ def format_report(results: dict) -> str:
         )
     lines += [
         "",
-        f"job stages alone (mean over {stages['sample_images']} images; Pillow in one thread, "
-        f"TF on all cores, batch {stages['batch']})",
-        f"  read + sha256 + Pillow validate        {stages['read_hash_validate_ms']:7.2f} ms/img",
-        f"  read + sha256 + Pillow re-encode q95   {stages['read_hash_reencode_ms']:7.2f} ms/img"
+        f"job stages alone (mean over {stages['sample_images']} images; one thread each, "
+        f"model on all cores at batch {stages['batch']})",
+        f"  pass 2: read + sha256 + Pillow validate          "
+        f"{stages['read_hash_validate_ms']:6.2f} ms/img",
+        f"  pass 3: read + sha256 + re-encode q95 + resize    "
+        f"{stages['read_hash_reencode_resize_ms']:6.2f} ms/img"
         f"   (output {stages['reencoded_mean_kib']:.0f} KiB)",
-        f"  TF decode + resize                     "
-        f"{stages['tf_decode_resize_images_per_s']:7.1f} img/s",
-        f"  TF decode + resize + model (job embed) "
-        f"{stages['decode_resize_embed_images_per_s']:7.1f} img/s",
-        f"  modelled serial rate (sum of above)    "
-        f"{stages['modelled_serial_images_per_s']:7.1f} img/s",
+        f"  GZIP of the records, Beam's default level 6      "
+        f"{stages['gzip']['beam_default_level_6']['ms_per_record']:6.2f} ms/img"
+        f"   (size x{stages['gzip']['beam_default_level_6']['size_ratio']:.3f})",
+        f"  GZIP of the records, the job's Z_RLE              "
+        f"{stages['gzip']['job']['ms_per_record']:6.2f} ms/img"
+        f"   (size x{stages['gzip']['job']['size_ratio']:.3f})",
+        f"  image work per image (sum of the job's rows)     "
+        f"{stages['image_work_ms']:6.2f} CPU ms/img (raw best: "
+        f"{raw['best_cpu_ms_per_image']:.1f} CPU ms/img for the model)",
+        f"  model on uint8 pixels (the job's embed call)     "
+        f"{stages['job_embed_images_per_s']:6.1f} img/s",
         "",
-        f"pipeline end to end (subprocess, DirectRunner default, --batch_size {raw['best_batch']})",
+        f"pipeline end to end (subprocess, DirectRunner default, --batch_size "
+        f"{results['job_batch_size']})",
         f"  {'N':>5} {'wall s':>7} {'img/s':>6} {'steady':>6} {'e2e/raw':>7} {'stdy/raw':>8} "
         f"{'CPUms/im':>8} {'cpu/raw':>7} {'treeRSS':>7} {'procRSS':>7} {'CPU%':>4} {'load':>5}",
     ]
@@ -774,6 +813,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="images used to time the job's stages alone (default 200)",
     )
     parser.add_argument(
+        "--job_batch_size",
+        type=int,
+        default=None,
+        help="the job's --batch_size (default: the raw backbone's best batch size)",
+    )
+    parser.add_argument(
         "--job_flag",
         action="append",
         default=[],
@@ -824,6 +869,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("[3/5] raw backbone throughput", flush=True)
         results["raw"] = raw_backbone_throughput(spec, embedder, args.batch_sizes, args.seconds)
         best_batch = results["raw"]["best_batch"]
+        job_batch = args.job_batch_size or best_batch
+        results["job_batch_size"] = job_batch
 
         print("[4/5] job stages alone", flush=True)
         results["stages"] = stage_costs(
@@ -834,14 +881,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("[5/5] end-to-end runs of the job", flush=True)
         startup_runs = [
             run_pipeline_size(
-                work_dir, args.startup_n, backbone, best_batch, args.job_flag, args.keep_outputs
+                work_dir, args.startup_n, backbone, job_batch, args.job_flag, args.keep_outputs
             )
             for _ in range(max(1, args.startup_repeats))
         ]
         results["startup_walls_s"] = [r["wall_s"] for r in startup_runs]
         results["startup_run"] = min(startup_runs, key=lambda r: r["wall_s"])
         results["runs"] = [
-            run_pipeline_size(work_dir, n, backbone, best_batch, args.job_flag, args.keep_outputs)
+            run_pipeline_size(work_dir, n, backbone, job_batch, args.job_flag, args.keep_outputs)
             for n in sizes
         ]
     except BenchmarkError as e:

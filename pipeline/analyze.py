@@ -79,22 +79,54 @@ class LabelVocabulary(beam.PTransform):
 
 
 class AnalyzeAndWriteTransformFn(beam.PTransform):
-    """``{embedding: [D]}`` dicts -> ``transform_fn/`` + ``transformed_metadata/`` in ``output_dir``.
+    """float32 ``[D]`` embeddings -> ``transform_fn/`` + ``transformed_metadata/`` in ``output_dir``.
 
-    Returns the completion PCollection of the write, to order later steps after it.
+    The embeddings reach tf.Transform as Arrow record batches (its TFXIO input format) built
+    straight from numpy, not as instance dicts, which tf.Transform would encode to tf.Examples
+    and parse back one by one. Returns the completion PCollection of the write, to order later
+    steps after it.
     """
 
-    def __init__(self, output_dir: str, embedding_dim: int):
+    def __init__(self, output_dir: str, embedding_dim: int, batch_size: int = 1000):
         super().__init__()
         self._output_dir = output_dir
         self._embedding_dim = embedding_dim
+        self._batch_size = batch_size
 
     def expand(self, embeddings):
         import tensorflow_transform.beam as tft_beam
 
-        spec = features.transform_feature_spec(self._embedding_dim)
+        config = embedding_adapter_config(self._embedding_dim)
+        batches = (
+            embeddings
+            | "Batch"
+            >> beam.BatchElements(min_batch_size=self._batch_size, max_batch_size=self._batch_size)
+            | "ToRecordBatch" >> beam.Map(embeddings_to_record_batch, config.arrow_schema)
+        )
         with tft_beam.Context(temp_dir=tft_temp_dir(self._output_dir)):
-            transform_fn = (embeddings, _metadata(spec)) | "Analyze" >> tft_beam.AnalyzeDataset(
+            transform_fn = (batches, config) | "Analyze" >> tft_beam.AnalyzeDataset(
                 embedding_statistics_fn
             )
             return transform_fn | "Write" >> tft_beam.WriteTransformFn(self._output_dir)
+
+
+def embedding_adapter_config(embedding_dim: int):
+    """The TFXIO ``TensorAdapterConfig`` of :func:`schemas.features.transform_feature_spec`."""
+    from tfx_bsl.public import tfxio
+
+    spec = features.transform_feature_spec(embedding_dim)
+    return tfxio.TFExampleBeamRecord(
+        physical_format="inmem", telemetry_descriptors=["hubflow"], schema=_metadata(spec).schema
+    ).TensorAdapterConfig()
+
+
+def embeddings_to_record_batch(batch, arrow_schema):
+    """A list of float32 ``[D]`` embeddings -> one Arrow record batch of ``arrow_schema``."""
+    import numpy as np
+    import pyarrow as pa
+
+    values = np.stack(batch).astype(np.float32, copy=False)
+    count, dim = values.shape
+    offsets = pa.array(np.arange(0, (count + 1) * dim, dim, dtype=np.int64))
+    column = pa.LargeListArray.from_arrays(offsets, pa.array(values.reshape(-1)))
+    return pa.RecordBatch.from_arrays([column], schema=arrow_schema)

@@ -1,9 +1,12 @@
-"""A RunInference model handler that embeds encoded images with a frozen backbone.
+"""A RunInference model handler that embeds prepared images with a frozen backbone.
 
-The handler takes the stored JPEG bytes, so decoding and resizing run in the same TensorFlow
-ops (:func:`schemas.backbones.decode_to_backbone_input`) that the exported serving model uses:
-the stored embedding is the backbone applied to the stored image. RunInference loads the model
-once per worker process (``shared.Shared``) and batches with ``BatchElements``.
+The handler takes images already resized to the backbone's input size, uint8 ``[S, S, 3]``
+arrays made by :func:`pipeline.images.backbone_pixels` (within about 1/255 of what the exported
+serving model computes from the same image), stacks a batch, scales it with
+:func:`schemas.backbones.pixels_to_backbone_input` and runs the model: nothing but the model
+runs while the batch waits, so the per-image decoding in ``EncodeFn`` can overlap it.
+RunInference loads the model once per worker process (``shared.Shared``) and batches with
+``BatchElements``.
 """
 
 from __future__ import annotations
@@ -16,26 +19,29 @@ import tensorflow as tf
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
 from pipeline import backbone
-from schemas.backbones import BackboneSpec, decode_to_backbone_input
+from schemas.backbones import BackboneSpec, pixels_to_backbone_input
 
 
 class _Embedder:
-    """The loaded backbone behind one compiled ``bytes -> embeddings`` function."""
+    """The loaded backbone behind one compiled ``images -> embeddings`` function."""
 
     def __init__(self, spec: BackboneSpec):
         model = backbone.load(spec)
         size = spec.image_size
 
-        @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
-        def embed(encoded: tf.Tensor) -> tf.Tensor:
-            return model(decode_to_backbone_input(encoded, size))
+        @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8)])
+        def embed(pixels: tf.Tensor) -> tf.Tensor:
+            return model(pixels_to_backbone_input(pixels))
 
         self._model = model  # keeps the module's variables alive
         self.embed = embed
 
 
-class ImageEmbeddingModelHandler(ModelHandler[bytes, PredictionResult, _Embedder]):
-    """Embeds encoded image bytes; one :class:`PredictionResult` (float32 ``[D]``) per image."""
+class ImageEmbeddingModelHandler(ModelHandler[np.ndarray, PredictionResult, _Embedder]):
+    """Embeds uint8 ``[S, S, 3]`` images; one :class:`PredictionResult` (float32 ``[D]``) per image.
+
+    The result's ``example`` is None: the input pixels are not kept past the model call.
+    """
 
     def __init__(self, spec: BackboneSpec, max_batch_size: int = 32):
         super().__init__()
@@ -47,16 +53,16 @@ class ImageEmbeddingModelHandler(ModelHandler[bytes, PredictionResult, _Embedder
 
     def run_inference(
         self,
-        batch: Sequence[bytes],
+        batch: Sequence[np.ndarray],
         model: _Embedder,
         inference_args: dict[str, Any] | None = None,
     ) -> Iterable[PredictionResult]:
-        embeddings = model.embed(tf.constant(list(batch), dtype=tf.string)).numpy()
+        embeddings = model.embed(tf.constant(np.stack(batch))).numpy()
         embeddings = embeddings.astype(np.float32, copy=False)
-        return [PredictionResult(x, e) for x, e in zip(batch, embeddings, strict=True)]
+        return [PredictionResult(None, e) for e in embeddings]
 
-    def get_num_bytes(self, batch: Sequence[bytes]) -> int:
-        return sum(len(x) for x in batch)
+    def get_num_bytes(self, batch: Sequence[np.ndarray]) -> int:
+        return sum(x.nbytes for x in batch)
 
     def get_metrics_namespace(self) -> str:
         return "hubflow_embed"

@@ -21,7 +21,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.runner import PipelineResult
 
-from pipeline import analyze, csv_rows, images, transforms
+from pipeline import analyze, csv_rows, images, sinks, transforms
 from pipeline import backbone as backbone_lib
 from pipeline.cli import Parser, UsageError, fraction, positive_int, unknown_flags
 from schemas import backbones, csv_format, features
@@ -329,10 +329,7 @@ def build_pipeline(p: beam.Pipeline, config: Config) -> None:
     for split in csv_format.SPLITS:
         written_files.append(
             embedded[split]
-            | f"Write[{split}]"
-            >> beam.io.WriteToTFRecord(
-                FileSystems.join(out, split), file_name_suffix=features.TFRECORD_SUFFIX
-            )
+            | f"Write[{split}]" >> sinks.WriteToTFRecord(FileSystems.join(out, split))
         )
 
     errors = (

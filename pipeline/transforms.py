@@ -8,7 +8,11 @@ The job runs in three passes so that nothing image-sized is ever held for a glob
    it, then group rows by content hash: duplicates are counted, conflicting labels rejected,
    and the split is fixed from the hash. Only small row records cross this shuffle.
 3. ``EncodeAndEmbed``: read the unique images again, re-encode them as JPEG and embed the
-   stored JPEG with RunInference; examples stream straight into the TFRecord writers.
+   re-encoded pixels with RunInference; examples stream straight into the TFRecord writers.
+
+Per-image work (read, hash, decode, re-encode, resize) runs on a small thread pool inside its
+DoFn (:mod:`pipeline.parallel`), so on a CPU worker it overlaps the model instead of taking
+turns with it.
 
 The label vocabulary is known after pass 2, so pass 3 never waits on a global result.
 """
@@ -29,6 +33,7 @@ from apache_beam.pvalue import TaggedOutput
 
 from pipeline import csv_rows, images
 from pipeline.inference import ImageEmbeddingModelHandler
+from pipeline.parallel import ThreadedDoFn
 from pipeline.progress import Progress
 from pipeline.records import ErrorRecord, Row
 from schemas import csv_format, features
@@ -55,11 +60,12 @@ class Accepted(NamedTuple):
 
 
 class Encoded(NamedTuple):
-    """Metadata of a re-encoded image (the JPEG bytes travel beside it into RunInference)."""
+    """A re-encoded image: the key that carries it through RunInference to its example."""
 
     accepted: Accepted
     height: int
     width: int
+    jpeg: bytes
 
 
 def assign_split(sha256: str, eval_fraction: float, test_fraction: float) -> str:
@@ -150,26 +156,50 @@ class ReadRows(beam.PTransform):
         return rows, parsed[ERRORS]
 
 
-class HashAndValidateFn(beam.DoFn):
-    """Reads a row's image, hashes it and checks that it decodes: ``(sha256, row)``."""
+class HashAndValidateFn(ThreadedDoFn):
+    """Reads a row's image, hashes it and checks that it decodes: ``(sha256, row)``.
 
-    def __init__(self, max_pixels: int):
+    Reading, hashing and decoding run on a thread pool (:class:`~pipeline.parallel.ThreadedDoFn`).
+    """
+
+    def __init__(self, max_pixels: int, threads: int | None = None):
+        super().__init__(threads)
         self._max_pixels = max_pixels
         self._progress = Progress("checked images")
+        self._total: int | None = None
 
-    def process(self, row: Row, total: int | None = None) -> Iterator:
-        self._progress.update(total=total)
-        try:
-            data = _read_image_bytes(row.uri)
-        except Exception as e:  # noqa: BLE001 - any filesystem failure rejects this row
-            yield _rejected(ErrorRecord.for_row(row, "read", "unreadable", _one_line(e)))
-            return
-        try:
-            images.validate(data, self._max_pixels)
-        except images.ImageError as e:
-            yield _rejected(ErrorRecord.for_row(row, "decode", e.category, str(e)))
-            return
-        yield images.sha256_hex(data), row
+    def process(
+        self,
+        row: Row,
+        window=beam.DoFn.WindowParam,
+        timestamp=beam.DoFn.TimestampParam,
+        total: int | None = None,
+    ) -> Iterator:
+        self._total = total
+        yield from super().process(row, window, timestamp)
+
+    def work(self, row: Row) -> str | ErrorRecord:
+        return hash_and_validate(row, self._max_pixels)
+
+    def emit(self, row: Row, result: str | ErrorRecord) -> Iterator:
+        self._progress.update(total=self._total)
+        if isinstance(result, ErrorRecord):
+            yield _rejected(result)
+        else:
+            yield result, row
+
+
+def hash_and_validate(row: Row, max_pixels: int) -> str | ErrorRecord:
+    """The sha256 hex digest of a row's image, or why the row is rejected."""
+    try:
+        data = _read_image_bytes(row.uri)
+    except Exception as e:  # noqa: BLE001 - any filesystem failure rejects this row
+        return ErrorRecord.for_row(row, "read", "unreadable", _one_line(e))
+    try:
+        images.validate(data, max_pixels)
+    except images.ImageError as e:
+        return ErrorRecord.for_row(row, "decode", e.category, str(e))
+    return images.sha256_hex(data)
 
 
 class ResolveDuplicatesFn(beam.DoFn):
@@ -208,36 +238,53 @@ class ResolveDuplicatesFn(beam.DoFn):
         yield Accepted(sha256, rows[0], split)
 
 
-class EncodeFn(beam.DoFn):
-    """Reads an accepted image again and re-encodes it: ``(Encoded, jpeg_bytes)``."""
+class EncodeFn(ThreadedDoFn):
+    """Reads an accepted image again, re-encodes it and prepares the backbone's pixels.
 
-    def __init__(self, max_pixels: int, max_side: int | None, quality: int):
+    Outputs ``(Encoded, pixels)``: the pixels are the stored image (upright, downscaled as
+    stored) before JPEG compression, resized to the backbone's input size
+    (:func:`pipeline.images.backbone_pixels`). The work runs on a thread pool, overlapping the
+    model.
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        max_pixels: int,
+        max_side: int | None,
+        quality: int,
+        threads: int | None = None,
+        max_in_flight: int | None = None,
+    ):
+        super().__init__(threads, max_in_flight)
+        self._image_size = image_size
         self._max_pixels = max_pixels
         self._max_side = max_side
         self._quality = quality
 
-    def process(self, accepted: Accepted) -> Iterator:
+    def work(self, accepted: Accepted) -> tuple[Encoded, np.ndarray] | ErrorRecord:
         row = accepted.row
         try:
             data = _read_image_bytes(row.uri)
         except Exception as e:  # noqa: BLE001
-            yield _rejected(ErrorRecord.for_row(row, "read", "unreadable", _one_line(e)))
-            return
+            return ErrorRecord.for_row(row, "read", "unreadable", _one_line(e))
         if images.sha256_hex(data) != accepted.sha256:
-            yield _rejected(
-                ErrorRecord.for_row(
-                    row, "read", "file_changed", "the file changed while the job was running"
-                )
+            return ErrorRecord.for_row(
+                row, "read", "file_changed", "the file changed while the job was running"
             )
-            return
         try:
-            encoded = images.reencode(
-                data, max_pixels=self._max_pixels, max_side=self._max_side, quality=self._quality
-            )
+            image = images.decode_rgb(data, max_pixels=self._max_pixels, max_side=self._max_side)
+            jpeg = images.encode_jpeg(image, self._quality)
         except images.ImageError as e:
-            yield _rejected(ErrorRecord.for_row(row, "decode", e.category, str(e)))
-            return
-        yield Encoded(accepted, encoded.height, encoded.width), encoded.jpeg
+            return ErrorRecord.for_row(row, "decode", e.category, str(e))
+        pixels = images.backbone_pixels(image, self._image_size)
+        return Encoded(accepted, image.height, image.width, jpeg), pixels
+
+    def emit(self, accepted: Accepted, result) -> Iterator:
+        if isinstance(result, ErrorRecord):
+            yield _rejected(result)
+        else:
+            yield result
 
 
 class ToExampleFn(beam.DoFn):
@@ -268,7 +315,7 @@ class ToExampleFn(beam.DoFn):
             return
         self._progress.update(total=total)
         example = features.make_example(
-            jpeg=result.example,
+            jpeg=encoded.jpeg,
             height=encoded.height,
             width=encoded.width,
             source=row.uri,
@@ -280,7 +327,7 @@ class ToExampleFn(beam.DoFn):
         _counter("rows_written").inc()
         yield TaggedOutput(accepted.split, example.SerializeToString())
         yield TaggedOutput(WRITTEN, (accepted.split, row.label))
-        yield TaggedOutput(EMBEDDINGS, {features.EMBEDDING: embedding})
+        yield TaggedOutput(EMBEDDINGS, embedding)
 
 
 def _failed_batch_errors(element) -> Iterator[ErrorRecord]:
@@ -308,7 +355,10 @@ class EncodeAndEmbed(beam.PTransform):
         super().__init__()
         self._spec = spec
         self._batch_size = batch_size
-        self._encode = EncodeFn(max_pixels, max_side, quality)
+        # Enough images in flight to keep the pool busy while the model runs a whole batch.
+        self._encode = EncodeFn(
+            spec.image_size, max_pixels, max_side, quality, max_in_flight=2 * batch_size + 16
+        )
         self._labels = labels
         self._total = total
 

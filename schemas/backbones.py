@@ -121,6 +121,15 @@ def image_to_backbone_input(images: tf.Tensor, image_size: int) -> tf.Tensor:
     return tf.clip_by_value(images, VALUE_RANGE[0], VALUE_RANGE[1])
 
 
+def pixels_to_backbone_input(pixels: tf.Tensor) -> tf.Tensor:
+    """uint8 RGB images already at the backbone's size ``[N, S, S, 3]`` -> float32 in ``[0, 1]``.
+
+    The preprocessing job resizes with Pillow (``pipeline.images.backbone_pixels``, within
+    about 1/255 of :func:`image_to_backbone_input`) and feeds the model through this.
+    """
+    return tf.image.convert_image_dtype(pixels, tf.float32)
+
+
 def decode_image(data: tf.Tensor) -> tf.Tensor:
     """Decodes one encoded image (JPEG, PNG, GIF first frame, BMP) to uint8 RGB ``[H, W, 3]``."""
     image = tf.io.decode_image(data, channels=3, expand_animations=False)

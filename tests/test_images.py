@@ -559,3 +559,33 @@ def test_sha256_hex_matches_hashlib():
 
     assert images.sha256_hex(data) == hashlib.sha256(data).hexdigest()
     assert images.sha256_hex(data) != images.sha256_hex(data + b"!")
+
+
+@pytest.mark.parametrize("size", [(500, 375), (375, 500), (224, 224), (100, 80), (1200, 900)])
+def test_backbone_pixels_match_the_serving_resize(size):
+    """The job's Pillow resize stays within ~1/255 of what the serving graph computes."""
+    import tensorflow as tf
+
+    from schemas.backbones import image_to_backbone_input, pixels_to_backbone_input
+
+    rng = np.random.default_rng(sum(size))
+    w, h = size
+    # Smooth content plus noise, like a photo.
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = 127 + 80 * np.sin(xx[..., None] / 17.0 + np.arange(3)) * np.cos(yy[..., None] / 23.0)
+    pixels = np.clip(base + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8)
+    image = Image.fromarray(pixels, "RGB")
+
+    ours = images.backbone_pixels(image, 224)
+    assert ours.shape == (224, 224, 3) and ours.dtype == np.uint8
+    job = pixels_to_backbone_input(tf.constant(ours[None])).numpy()[0]
+    serving = image_to_backbone_input(tf.constant(pixels), 224).numpy()
+    diff = np.abs(job - serving)
+    assert diff.max() <= 3 / 255, diff.max()
+    assert diff.mean() <= 0.6 / 255, diff.mean()
+
+
+def test_backbone_pixels_converts_other_modes():
+    image = Image.new("L", (60, 40), 128)
+    out = images.backbone_pixels(image, 32)
+    assert out.shape == (32, 32, 3) and int(out[0, 0, 0]) == 128

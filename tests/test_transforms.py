@@ -138,8 +138,7 @@ def test_hash_and_validate_pixel_limit(tmp_path, limit, ok):
 
     path = tmp_path / "p.jpg"
     path.write_bytes(photo((1, 2, 3), size=(48, 40)))
-    results = list(transforms.HashAndValidateFn(limit).process(_row(1, "x", str(path))))
-    assert (not isinstance(results[0], beam.pvalue.TaggedOutput)) == ok
+    result = transforms.hash_and_validate(_row(1, "x", str(path)), limit)
+    assert (not isinstance(result, ErrorRecord)) == ok
     if not ok:
-        error = results[0].value
-        assert isinstance(error, ErrorRecord) and error.category == "too_large"
+        assert result.category == "too_large" and result.stage == "decode"

@@ -1,0 +1,103 @@
+"""A DoFn base class that runs per-element CPU work on a bounded thread pool.
+
+A Beam worker runs a fused stage one element at a time on the bundle's thread. In the image
+pass that stage is read -> decode -> re-encode -> RunInference -> write: while the model runs,
+no image is being decoded, and while images decode the model idles, so on a CPU worker half
+the cores wait. Pillow, hashlib, zlib and TensorFlow release the GIL while they work, so a
+few threads that decode the next images while the bundle thread runs the model keep every
+core busy.
+
+:class:`ThreadedDoFn` splits a DoFn into ``work`` (pure, thread-safe, runs on the pool) and
+``emit`` (runs on the bundle thread and yields outputs, so Beam counters and tagged outputs
+behave as in any DoFn). At most ``max_in_flight`` elements are queued or running at once,
+which bounds memory; results are emitted in input order; each output keeps its input's window
+and timestamp; an exception raised by ``work`` fails the bundle as it would without threads.
+
+Beam's ``AsyncWrapper`` (``apache_beam.transforms.async_dofn``) targets slow remote calls in
+streaming pipelines: it needs keyed input and keeps pending elements in state with real-time
+timers, so it would serialize every decoded image; this class does not.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.pvalue import TaggedOutput
+from apache_beam.utils.windowed_value import WindowedValue
+
+
+def default_threads() -> int:
+    """Pool size: the CPUs this process may use (at least 2, so work overlaps the bundle)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(2, cpus)
+
+
+class ThreadedDoFn(beam.DoFn):
+    """Runs :meth:`work` for several elements at once on a thread pool; :meth:`emit` outputs.
+
+    Args:
+      threads: pool size (default :func:`default_threads`).
+      max_in_flight: most elements submitted but not yet emitted (default ``4 * threads``).
+    """
+
+    def __init__(self, threads: int | None = None, max_in_flight: int | None = None):
+        if threads is not None and threads < 1:
+            raise ValueError(f"threads must be positive, got {threads}")
+        if max_in_flight is not None and max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be positive, got {max_in_flight}")
+        self._threads = threads
+        self._max_in_flight = max_in_flight
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: collections.deque | None = None
+        self._limit = 0
+
+    def work(self, element: Any) -> Any:
+        """The per-element work; runs on a pool thread. No outputs, no Beam metrics here."""
+        raise NotImplementedError
+
+    def emit(self, element: Any, result: Any) -> Iterable:
+        """Yields the outputs of one element from its ``work`` result; runs on the bundle thread."""
+        raise NotImplementedError
+
+    def setup(self):
+        threads = self._threads or default_threads()
+        self._limit = self._max_in_flight or 4 * threads
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix=type(self).__name__)
+
+    def start_bundle(self):
+        self._pending = collections.deque()
+
+    def process(
+        self, element, window=beam.DoFn.WindowParam, timestamp=beam.DoFn.TimestampParam
+    ) -> Iterator:
+        future: Future = self._pool.submit(self.work, element)
+        self._pending.append((element, window, timestamp, future))
+        # Emit what is finished (in order) and block only when the queue is full.
+        while self._pending and (len(self._pending) > self._limit or self._pending[0][3].done()):
+            yield from self._emit_oldest()
+
+    def finish_bundle(self) -> Iterator:
+        while self._pending:
+            yield from self._emit_oldest()
+
+    def teardown(self):
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def _emit_oldest(self) -> Iterator:
+        element, window, timestamp, future = self._pending.popleft()
+        result = future.result()  # re-raises an exception of `work` on the bundle thread
+        for output in self.emit(element, result):
+            if isinstance(output, TaggedOutput):
+                yield TaggedOutput(output.tag, WindowedValue(output.value, timestamp, (window,)))
+            else:
+                yield WindowedValue(output, timestamp, (window,))
