@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import threading
 from collections.abc import Callable
 
 import tensorflow as tf
@@ -82,6 +83,14 @@ def local_handle(handle: str) -> str:
     return path
 
 
+# Modules loaded by `probe`, handed to the next `load` of the same handle in this process. On
+# the DirectRunner's in-process mode the job's RunInference runs in the launcher's process and
+# takes the launcher's module instead of loading the SavedModel a second time (seconds of
+# start-up); a Dataflow worker finds nothing here and loads its own.
+_PROBED: dict[str, object] = {}
+_PROBED_LOCK = threading.Lock()
+
+
 def _load_module(handle: str):
     import tensorflow_hub as hub
 
@@ -121,7 +130,9 @@ def signature_image_size(module) -> int | None:
 
 def load(spec: BackboneSpec) -> Embedder:
     """Loads the backbone: a function from ``[N, S, S, 3]`` float32 in [0, 1] to ``[N, D]``."""
-    return _callable(_load_module(spec.handle))
+    with _PROBED_LOCK:
+        module = _PROBED.pop(spec.handle, None)
+    return _callable(module if module is not None else _load_module(spec.handle))
 
 
 def probe(spec: BackboneSpec) -> BackboneSpec:
@@ -154,6 +165,8 @@ def probe(spec: BackboneSpec) -> BackboneSpec:
             "expected a feature-vector model returning [batch, features]"
         )
     dim = int(features.shape[-1])
+    with _PROBED_LOCK:
+        _PROBED[spec.handle] = module
     if spec.embedding_dim and spec.embedding_dim != dim:
         _LOGGER.warning(
             "%s: expected %d features, model returns %d", spec.name, spec.embedding_dim, dim
