@@ -9,7 +9,8 @@ core busy.
 
 :class:`ThreadedDoFn` splits a DoFn into ``work`` (pure, thread-safe, runs on the pool) and
 ``emit`` (runs on the bundle thread and yields outputs, so Beam counters and tagged outputs
-behave as in any DoFn). At most ``max_in_flight`` elements are queued or running at once,
+behave as in any DoFn). The pool is shared by the DoFn's instances in a worker process. At most
+``max_in_flight`` elements per instance are queued or running at once,
 which bounds memory; results are emitted in input order; each output keeps its input's window
 and timestamp; an exception raised by ``work`` fails the bundle as it would without threads.
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import os
+import threading
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -38,6 +40,21 @@ def default_threads() -> int:
     except AttributeError:  # not on Linux
         cpus = os.cpu_count() or 1
     return max(2, cpus)
+
+
+# One pool per DoFn class and size per process: a runner that runs many bundles at once in one
+# process (Dataflow runs several per SDK process) shares the CPUs instead of multiplying threads.
+_POOLS: dict[tuple[str, int], ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _shared_pool(name: str, threads: int) -> ThreadPoolExecutor:
+    with _POOLS_LOCK:
+        pool = _POOLS.get((name, threads))
+        if pool is None:
+            pool = ThreadPoolExecutor(threads, thread_name_prefix=name)
+            _POOLS[(name, threads)] = pool
+        return pool
 
 
 class ThreadedDoFn(beam.DoFn):
@@ -70,7 +87,7 @@ class ThreadedDoFn(beam.DoFn):
     def setup(self):
         threads = self._threads or default_threads()
         self._limit = self._max_in_flight or 4 * threads
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix=type(self).__name__)
+        self._pool = _shared_pool(type(self).__name__, threads)
 
     def start_bundle(self):
         self._pending = collections.deque()
@@ -89,9 +106,7 @@ class ThreadedDoFn(beam.DoFn):
             yield from self._emit_oldest()
 
     def teardown(self):
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+        self._pool = None  # the pool is the process's, shared with other instances
 
     def _emit_oldest(self) -> Iterator:
         element, window, timestamp, future = self._pending.popleft()

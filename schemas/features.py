@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import numpy as np
 import tensorflow as tf
 
 IMAGE_ENCODED = "image/encoded"
@@ -99,7 +100,7 @@ def make_example(
         LABEL: _int(label),
         LABEL_TEXT: _bytes(label_text.encode("utf-8")),
         EMBEDDING: tf.train.Feature(
-            float_list=tf.train.FloatList(value=list(map(float, embedding)))
+            float_list=tf.train.FloatList(value=np.asarray(embedding, np.float32).tolist())
         ),
     }
     return tf.train.Example(features=tf.train.Features(feature=features))
