@@ -1,5 +1,8 @@
 """tf.Transform analyses of the job: the label vocabulary and the embedding statistics.
 
+Both feed tf.Transform Arrow record batches (its TFXIO input format) built directly, not instance
+dicts, which it would encode to tf.Examples and parse back one row at a time.
+
 * ``LabelVocabulary``: ``tft.vocabulary`` over the labels of the accepted rows (after duplicate
   and conflict resolution), re-ordered alphabetically — tf.Transform orders vocabularies by
   frequency, Keras users expect ``image_dataset_from_directory``'s alphabetical order. It runs
@@ -68,12 +71,16 @@ class LabelVocabulary(beam.PTransform):
         import tensorflow as tf
         import tensorflow_transform.beam as tft_beam
 
-        spec = {features.LABEL_TEXT: tf.io.FixedLenFeature([], tf.string)}
+        config = adapter_config({features.LABEL_TEXT: tf.io.FixedLenFeature([], tf.string)})
+        batches = (
+            labels
+            | "Batch" >> beam.BatchElements(min_batch_size=1000, max_batch_size=1000)
+            | "ToRecordBatch" >> beam.Map(labels_to_record_batch, config.arrow_schema)
+        )
         with tft_beam.Context(temp_dir=self._temp_dir):
-            transform_fn = (
-                labels | "ToInstances" >> beam.Map(lambda label: {features.LABEL_TEXT: label}),
-                _metadata(spec),
-            ) | "Vocabulary" >> tft_beam.AnalyzeDataset(label_vocabulary_fn)
+            transform_fn = (batches, config) | "Vocabulary" >> tft_beam.AnalyzeDataset(
+                label_vocabulary_fn
+            )
         saved_model_dir, _ = transform_fn
         return saved_model_dir | "SortVocabulary" >> beam.Map(_sorted_vocabulary)
 
@@ -96,7 +103,7 @@ class AnalyzeAndWriteTransformFn(beam.PTransform):
     def expand(self, embeddings):
         import tensorflow_transform.beam as tft_beam
 
-        config = embedding_adapter_config(self._embedding_dim)
+        config = adapter_config(features.transform_feature_spec(self._embedding_dim))
         batches = (
             embeddings
             | "Batch"
@@ -110,14 +117,24 @@ class AnalyzeAndWriteTransformFn(beam.PTransform):
             return transform_fn | "Write" >> tft_beam.WriteTransformFn(self._output_dir)
 
 
-def embedding_adapter_config(embedding_dim: int):
-    """The TFXIO ``TensorAdapterConfig`` of :func:`schemas.features.transform_feature_spec`."""
+def adapter_config(spec: dict):
+    """The TFXIO ``TensorAdapterConfig`` of a feature spec: how tf.Transform reads Arrow input."""
     from tfx_bsl.public import tfxio
 
-    spec = features.transform_feature_spec(embedding_dim)
     return tfxio.TFExampleBeamRecord(
         physical_format="inmem", telemetry_descriptors=["hubflow"], schema=_metadata(spec).schema
     ).TensorAdapterConfig()
+
+
+def labels_to_record_batch(batch, arrow_schema):
+    """A list of label strings -> one Arrow record batch of ``arrow_schema`` (one value a row)."""
+    import numpy as np
+    import pyarrow as pa
+
+    values = pa.array([label.encode("utf-8") for label in batch], pa.large_binary())
+    offsets = pa.array(np.arange(len(batch) + 1, dtype=np.int64))
+    column = pa.LargeListArray.from_arrays(offsets, values)
+    return pa.RecordBatch.from_arrays([column], schema=arrow_schema)
 
 
 def embeddings_to_record_batch(batch, arrow_schema):
