@@ -341,9 +341,9 @@ def stage_costs(work_dir: str, count: int, spec, embedder, batch: int, seconds: 
             with open(path, "rb") as f:
                 data = f.read()
             images.sha256_hex(data)
-            image = images.decode_rgb(data)
-            reencoded.append(images.encode_jpeg(image))
-            pixels.append(images.backbone_pixels(image, size))
+            encoded = images.reencode(data, backbone_size=size)
+            reencoded.append(encoded.jpeg)
+            pixels.append(encoded.backbone_pixels)
 
     validate_ms = _best_pass_ms(read_hash_validate) / count
     encode_ms = _best_pass_ms(read_hash_reencode_resize) / count

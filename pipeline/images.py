@@ -100,11 +100,12 @@ class ImageError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class EncodedImage:
-    """A re-encoded RGB JPEG and its size in pixels."""
+    """A re-encoded RGB JPEG, its size in pixels and, if asked for, the backbone's pixels."""
 
     jpeg: bytes
     height: int
     width: int
+    backbone_pixels: np.ndarray | None = None
 
 
 def sha256_hex(data: bytes) -> str:
@@ -210,8 +211,13 @@ def reencode(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_side: int | None = None,
     quality: int = DEFAULT_JPEG_QUALITY,
+    backbone_size: int | None = None,
 ) -> EncodedImage:
     """Decodes `data` with `decode_rgb` and re-encodes it with `encode_jpeg`.
+
+    Args:
+      backbone_size: if given, also resize the decoded image (before JPEG compression) with
+        `backbone_pixels` to this square size, from the one decode.
 
     Returns:
       The JPEG and the height and width of the re-encoded (upright, downscaled) image.
@@ -221,7 +227,12 @@ def reencode(
       ValueError: a non-positive limit or a quality outside 1..100.
     """
     image = decode_rgb(data, max_pixels=max_pixels, max_side=max_side)
-    return EncodedImage(jpeg=encode_jpeg(image, quality), height=image.height, width=image.width)
+    return EncodedImage(
+        jpeg=encode_jpeg(image, quality),
+        height=image.height,
+        width=image.width,
+        backbone_pixels=backbone_pixels(image, backbone_size) if backbone_size else None,
+    )
 
 
 def backbone_pixels(image: Image.Image, size: int) -> np.ndarray:

@@ -273,12 +273,17 @@ class EncodeFn(ThreadedDoFn):
                 row, "read", "file_changed", "the file changed while the job was running"
             )
         try:
-            image = images.decode_rgb(data, max_pixels=self._max_pixels, max_side=self._max_side)
-            jpeg = images.encode_jpeg(image, self._quality)
+            encoded = images.reencode(
+                data,
+                max_pixels=self._max_pixels,
+                max_side=self._max_side,
+                quality=self._quality,
+                backbone_size=self._image_size,
+            )
         except images.ImageError as e:
             return ErrorRecord.for_row(row, "decode", e.category, str(e))
-        pixels = images.backbone_pixels(image, self._image_size)
-        return Encoded(accepted, image.height, image.width, jpeg), pixels
+        key = Encoded(accepted, encoded.height, encoded.width, encoded.jpeg)
+        return key, encoded.backbone_pixels
 
     def emit(self, accepted: Accepted, result) -> Iterator:
         if isinstance(result, ErrorRecord):
