@@ -4,6 +4,7 @@ Usage::
 
     python benchmarks/preprocess.py [--sizes 1000,4000] [--work_dir DIR]
                                     [--batch_sizes 8,16,32,64] [--backbone PATH]
+                                    [--loop_n 1000] [--job_batch_size B]
 
 Method (one run prints every figure):
 
@@ -31,7 +32,12 @@ Method (one run prints every figure):
    setting), and the job's model call on uint8 pixels. The job runs the Pillow work on a thread
    pool that overlaps the model, so on a machine the model already keeps busy the job's rate is
    bounded by CPUs / (model CPU + image-work CPU) per image.
-5. **End to end.** For a tiny N (``--startup_n``, default 20; run ``--startup_repeats`` times,
+5. **Beam-free loop.** The job's own per-image functions run on ``--loop_n`` images in this
+   process with the job's thread pool, in-flight bound, batch size, model handler, example
+   builder and GZIP writer, but no Beam: pass 2 for every image, then pass 3 overlapped with the
+   model (:func:`beam_free_loop`). Its rate over raw best is the most the job's steady ratio can
+   reach on this machine; the job's steady rate over it is what Beam's per-element work keeps.
+6. **End to end.** For a tiny N (``--startup_n``, default 20; run ``--startup_repeats`` times,
    fastest kept) and then each N, the real job runs in a subprocess
    (``python -m pipeline.preprocess ... --batch_size <B> --overwrite``, default DirectRunner)
    and is timed by wall clock. Memory is measured two ways: a sampler thread sums ``VmRSS`` over
@@ -393,6 +399,98 @@ def stage_costs(work_dir: str, count: int, spec, embedder, batch: int, seconds: 
     }
 
 
+def beam_free_loop(work_dir: str, count: int, spec, batch: int, out_path: str) -> dict:
+    """The job's per-image work with perfect overlap and no framework: this machine's ceiling.
+
+    Runs, in this process and without Beam, exactly the functions the job runs per image, in the
+    job's order and with the job's threading: pass 2 (``transforms.hash_and_validate``) for every
+    image on a pool of ``parallel.default_threads()`` threads, then (after that barrier, as the
+    job's GroupByKey is one) pass 3 (``EncodeFn.work``) on the pool with the job's in-flight
+    bound, while this thread runs the job's model handler on batches of ``batch``, builds each
+    TFExample with ``schemas.features.make_example`` and writes it with Beam's TFRecord framing
+    through the job's GZIP writer (:mod:`pipeline.sinks`). What the job does beyond this is
+    Beam's per-element work and the start-up; so ``loop / raw`` is the most the job's steady
+    ratio can reach on this machine, and ``job steady / loop`` is what Beam keeps of it.
+    """
+    import collections
+    from concurrent.futures import ThreadPoolExecutor
+
+    from apache_beam.io import tfrecordio
+
+    from pipeline import images, inference, parallel, sinks, transforms
+    from pipeline.records import Row
+    from schemas import features
+
+    rows = [
+        Row("bench.csv", i + 2, image_relpath(i), os.path.join(work_dir, image_relpath(i)),
+            CLASSES[i % len(CLASSES)])
+        for i in range(count)
+    ]  # fmt: skip
+    threads = parallel.default_threads()
+    handler = inference.ImageEmbeddingModelHandler(spec, batch)
+    model = handler.load_model()
+    encode = transforms.EncodeFn(
+        spec.image_size, images.DEFAULT_MAX_PIXELS, None, images.DEFAULT_JPEG_QUALITY
+    )
+    index = {label: i for i, label in enumerate(CLASSES)}
+    warm = transforms.hash_and_validate(rows[0], images.DEFAULT_MAX_PIXELS)
+    _, pixels = encode.work(transforms.Accepted(warm, rows[0], "train"))
+    handler.run_inference([pixels] * batch, model)  # traced and warm, as the job's is by then
+    limit = 2 * batch + 16  # EncodeAndEmbed's bound
+    written = 0
+
+    def write(f, pending_batch) -> int:
+        results = handler.run_inference([p for _, p in pending_batch], model)
+        for (key, _), result in zip(pending_batch, results, strict=True):
+            row = key.accepted.row
+            example = features.make_example(
+                jpeg=key.jpeg, height=key.height, width=key.width, source=row.uri,
+                sha256=key.accepted.sha256, label=index[row.label], label_text=row.label,
+                embedding=np.asarray(result.inference, dtype=np.float32),
+            )  # fmt: skip
+            tfrecordio._TFRecordUtil.write_record(f, example.SerializeToString())  # noqa: SLF001
+        return len(pending_batch)
+
+    load = os.getloadavg()[0]
+    cpu_start, start = time.process_time(), time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        hashes = list(
+            pool.map(lambda r: transforms.hash_and_validate(r, images.DEFAULT_MAX_PIXELS), rows)
+        )
+        pass2_s = time.perf_counter() - start
+        accepted = [transforms.Accepted(h, r, "train") for h, r in zip(hashes, rows, strict=True)]
+        pending: collections.deque = collections.deque()
+        ready: list = []
+        with open(out_path, "wb") as raw:
+            f = sinks._GzipFile(raw, sinks.GZIP_LEVEL, sinks.GZIP_STRATEGY)  # noqa: SLF001
+            for item in accepted:
+                pending.append(pool.submit(encode.work, item))
+                while pending and (len(pending) > limit or pending[0].done()):
+                    ready.append(pending.popleft().result())
+                    if len(ready) == batch:
+                        written += write(f, ready)
+                        ready = []
+            ready += [future.result() for future in pending]
+            for i in range(0, len(ready), batch):
+                written += write(f, ready[i : i + batch])
+            f.close()
+    wall = time.perf_counter() - start
+    cpu = time.process_time() - cpu_start
+    if written != count:
+        raise BenchmarkError(f"Beam-free loop wrote {written} of {count} records")
+    os.remove(out_path)
+    return {
+        "n": count,
+        "threads": threads,
+        "batch": batch,
+        "wall_s": wall,
+        "pass2_s": pass2_s,
+        "images_per_s": count / wall,
+        "cpu_ms_per_image": cpu * 1000 / count,
+        "loadavg_1m_before": load,
+    }
+
+
 # ----------------------------------------------------------------------------------------------
 # The job in a subprocess: wall time, peak memory, manifest check
 # ----------------------------------------------------------------------------------------------
@@ -623,11 +721,19 @@ def summarise(results: dict) -> None:
     raw_cpu_ms = results["raw"]["best_cpu_ms_per_image"]
     n0, wall0, cpu0 = startup["n"], startup["wall_s"], startup["cpu_s"]
     raw_after = results["raw_after"]["best_images_per_s"]
+    loop = results["loop"]
+    loop["over_raw"] = loop["images_per_s"] / raw_best
+    loop["over_raw_after"] = loop["images_per_s"] / raw_after
     for run in results["runs"]:
         run["steady_over_raw_after"] = (
             (run["n"] - n0) / (run["wall_s"] - wall0) / raw_after if run["wall_s"] > wall0 else None
         )
         run["e2e_over_raw"] = run["images_per_s"] / raw_best
+        run["steady_over_loop"] = (
+            (run["n"] - n0) / (run["wall_s"] - wall0) / loop["images_per_s"]
+            if run["wall_s"] > wall0
+            else None
+        )
         net = run["wall_s"] - wall0
         run["steady_images_per_s"] = (run["n"] - n0) / net if net > 0 else None
         run["steady_over_raw"] = (
@@ -699,6 +805,17 @@ def format_report(results: dict) -> str:
         f"  model on uint8 pixels (the job's embed call)     "
         f"{stages['job_embed_images_per_s']:6.1f} img/s",
         "",
+        f"Beam-free loop (the job's functions, pool and batch, no Beam; N={results['loop']['n']}, "
+        f"{results['loop']['threads']} threads, batch {results['loop']['batch']})",
+        f"  {results['loop']['images_per_s']:6.1f} images/s, "
+        f"{results['loop']['cpu_ms_per_image']:.1f} CPU ms/img, pass 2 "
+        f"{results['loop']['pass2_s']:.1f} of {results['loop']['wall_s']:.1f} s: "
+        f"x{results['loop']['over_raw']:.2f} of raw best, x{results['loop']['over_raw_after']:.2f} "
+        "of raw after",
+        "  the most the job's steady ratio can reach on this machine: the rest of the job is "
+        "Beam's",
+        "  per-element work and its start-up",
+        "",
         f"pipeline end to end (subprocess, DirectRunner default, --batch_size "
         f"{results['job_batch_size']})",
         f"  {'N':>5} {'wall s':>7} {'img/s':>6} {'steady':>6} {'e2e/raw':>7} {'stdy/raw':>8} "
@@ -745,6 +862,8 @@ def format_report(results: dict) -> str:
         f"e2e / raw best  : {best['e2e_over_raw']:.2f} at N={best['n']}; steady / raw best "
         f"{_cell(best.get('steady_over_raw'), 0, 2)}, steady / raw after "
         f"{_cell(best.get('steady_over_raw_after'), 0, 2)} (target >= 0.8)",
+        f"loop / raw best : {results['loop']['over_raw']:.2f} (Beam-free ceiling); job steady / "
+        f"loop {_cell(best.get('steady_over_loop'), 0, 2)} (what Beam keeps of it)",
         f"RSS({growth['to_n']}) / RSS({growth['from_n']}): tree {growth['tree_ratio']:.2f}, "
         f"largest process {growth['max_process_ratio']:.2f} (target ~1.0, not growing with N)",
         "timings are wall clock on a shared machine: compare the load columns between steps",
@@ -821,6 +940,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="images used to time the job's stages alone (default 200)",
     )
     parser.add_argument(
+        "--loop_n",
+        type=int,
+        default=1000,
+        help="images for the Beam-free loop of the job's per-image work (default 1000)",
+    )
+    parser.add_argument(
         "--job_batch_size",
         type=int,
         default=None,
@@ -860,33 +985,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         "json": os.path.join(work_dir, RESULTS_FILE),
     }
     try:
-        count = max(sizes + [args.startup_n, args.stage_sample])
-        print(f"[1/5] generating {count} images in {work_dir}/images", flush=True)
+        count = max(sizes + [args.startup_n, args.stage_sample, args.loop_n])
+        print(f"[1/6] generating {count} images in {work_dir}/images", flush=True)
         results["images"] = generate_images(work_dir, count, processes=cpus)
         print(f"      {results['images']}", flush=True)
 
         backbone = args.backbone or os.path.join(work_dir, BACKBONE_DIR)
         if not args.backbone:
-            print(f"[2/5] building random-weight MobileNetV2 backbone at {backbone}", flush=True)
+            print(f"[2/6] building random-weight MobileNetV2 backbone at {backbone}", flush=True)
             build_mobilenet_backbone(backbone)
         else:
-            print(f"[2/5] using backbone {backbone}", flush=True)
+            print(f"[2/6] using backbone {backbone}", flush=True)
         spec, embedder = load_backbone(backbone)
         results["backbone"] = spec.to_json()
 
-        print("[3/5] raw backbone throughput", flush=True)
+        print("[3/6] raw backbone throughput", flush=True)
         results["raw"] = raw_backbone_throughput(spec, embedder, args.batch_sizes, args.seconds)
         best_batch = results["raw"]["best_batch"]
         job_batch = args.job_batch_size or best_batch
         results["job_batch_size"] = job_batch
 
-        print("[4/5] job stages alone", flush=True)
+        print("[4/6] job stages alone", flush=True)
         results["stages"] = stage_costs(
             work_dir, args.stage_sample, spec, embedder, best_batch, args.seconds
         )
         print(f"      {results['stages']}", flush=True)
 
-        print("[5/5] end-to-end runs of the job", flush=True)
+        print(f"[5/6] Beam-free loop of the job's per-image work, N={args.loop_n}", flush=True)
+        results["loop"] = beam_free_loop(
+            work_dir, args.loop_n, spec, job_batch, os.path.join(work_dir, "loop.tfrecord.gz")
+        )
+        print(
+            f"      {results['loop']['images_per_s']:.1f} images/s "
+            f"({results['loop']['cpu_ms_per_image']:.1f} CPU ms/img)",
+            flush=True,
+        )
+
+        print("[6/6] end-to-end runs of the job", flush=True)
         startup_runs = [
             run_pipeline_size(
                 work_dir, args.startup_n, backbone, job_batch, args.job_flag, args.keep_outputs
