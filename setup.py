@@ -1,4 +1,5 @@
-"""Distribution `hubflow`: the Beam preprocessing job, the trainer and their shared schemas.
+"""Distribution `hubflow`: the Beam jobs, the trainer, and the layers below them (schemas,
+backbones, evaluation), plus the demo on top.
 
 This same file is what Dataflow workers install through `--setup_file ./setup.py`.
 """
@@ -26,7 +27,11 @@ setuptools.setup(
     description="Labeled images -> frozen TF-Hub embeddings -> a deployed image classifier.",
     python_requires=">=3.11,<3.12",
     packages=setuptools.find_packages(
-        include=["pipeline", "pipeline.*", "schemas", "schemas.*", "training", "training.*"]
+        include=[
+            f"{package}{suffix}"
+            for package in ("schemas", "backbones", "evaluation", "pipeline", "training", "demo")
+            for suffix in ("", ".*")
+        ]
     ),
     install_requires=REQUIRED,
     extras_require={
@@ -37,7 +42,7 @@ setuptools.setup(
             "hubflow-preprocess=pipeline.preprocess:main",
             "hubflow-train=training.task:main",
             "hubflow-predict=pipeline.predict:main",
-            "hubflow-demo=training.demo:main",
+            "hubflow-demo=demo.run:main",
         ],
     },
 )

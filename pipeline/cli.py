@@ -1,44 +1,45 @@
-"""Command-line plumbing shared by the Beam jobs: one-line usage errors and flag types."""
+"""Command-line plumbing of the Beam jobs: typo'd flags, replacing old outputs, running."""
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.runners.runner import PipelineResult
+
+from schemas.cli import UsageError
+
+_LOGGER = logging.getLogger(__name__)
 
 
-class UsageError(ValueError):
-    """A user mistake in the command line, reported as one line naming the flag."""
+def check_beam_flags(beam_args: Sequence[str]) -> None:
+    """Raises :class:`UsageError` naming the first flag nobody knows (a typo, most likely)."""
+    unknown = unknown_flags(beam_args)
+    if unknown:
+        raise UsageError(f"unrecognized flag {unknown[0]} (see --help)")
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise UsageError(message)
+def delete_previous_outputs(paths: Sequence[str]) -> None:
+    """Deletes an earlier run's outputs (``--overwrite``), as the job's resolve step listed them."""
+    if paths:
+        _LOGGER.info("--overwrite: deleting %d outputs of an earlier run", len(paths))
+        FileSystems.delete(list(paths))
 
 
-def positive_int(flag: str):
-    def parse(value: str) -> int:
-        try:
-            number = int(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} must be an integer, got {value!r}") from None
-        if number <= 0:
-            raise argparse.ArgumentTypeError(f"{flag} must be positive, got {number}")
-        return number
-
-    return parse
-
-
-def fraction(flag: str):
-    def parse(value: str) -> float:
-        try:
-            number = float(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} must be a number, got {value!r}") from None
-        if not 0.0 <= number < 1.0:
-            raise argparse.ArgumentTypeError(f"{flag} must be in [0, 1), got {number}")
-        return number
-
-    return parse
+def run_pipeline(
+    build: Callable[[beam.Pipeline], None], beam_args: Sequence[str], test_pipeline=None
+) -> PipelineResult:
+    """Builds the job into a pipeline made from ``beam_args`` (or ``test_pipeline``), runs it
+    and waits for it to finish."""
+    p = test_pipeline or beam.Pipeline(options=PipelineOptions(list(beam_args)))
+    build(p)
+    result = p.run()
+    result.wait_until_finish()
+    return result
 
 
 def unknown_flags(beam_args: Sequence[str]) -> list[str]:

@@ -31,15 +31,12 @@ import sys
 import numpy as np
 from PIL import Image
 
+from schemas.errors import EMPTY_FILE, TOO_LARGE, UNDECODABLE
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_PIXELS = 89_478_485  # same as Pillow's default bomb threshold
 DEFAULT_JPEG_QUALITY = 95
-
-# ImageError categories.
-EMPTY_FILE = "empty_file"
-UNDECODABLE = "undecodable"
-TOO_LARGE = "too_large"
 
 SUPPORTED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF")
 
@@ -239,10 +236,10 @@ def backbone_pixels(image: Image.Image, size: int) -> np.ndarray:
     """Resizes an RGB image straight to ``size x size`` for a backbone: uint8 ``[size, size, 3]``.
 
     Pillow's bilinear filter widens with the scale factor (antialiased), as TensorFlow's
-    ``resize(antialias=True)`` in :func:`schemas.backbones.image_to_backbone_input` does, the
+    ``resize(antialias=True)`` in :func:`backbones.inputs.image_to_backbone_input` does, the
     function serving applies to the images it is sent: the two agree within about 1/255 per
     value (tested), the rounding of Pillow's 8-bit output; both feed
-    :func:`schemas.backbones.pixels_to_backbone_input`. Pillow needs a third of TensorFlow's CPU
+    :func:`backbones.inputs.pixels_to_backbone_input`. Pillow needs a third of TensorFlow's CPU
     time here, which the preprocessing job spends once per image.
     """
     if image.mode != "RGB":

@@ -3,7 +3,7 @@
 The handler takes images already resized to the backbone's input size, uint8 ``[S, S, 3]``
 arrays made by :func:`pipeline.images.backbone_pixels` (within about 1/255 of what the exported
 serving model computes from the same image), stacks a batch, scales it with
-:func:`schemas.backbones.pixels_to_backbone_input` and runs the model: nothing but the model
+:func:`backbones.inputs.pixels_to_backbone_input` and runs the model: nothing but the model
 runs while the batch waits, so the per-image decoding in ``EncodeFn`` can overlap it.
 RunInference loads the model once per worker process (``shared.Shared``) and batches with
 ``BatchElements``.
@@ -18,15 +18,16 @@ import numpy as np
 import tensorflow as tf
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
-from pipeline import backbone
-from schemas.backbones import BackboneSpec, pixels_to_backbone_input
+from backbones import hub
+from backbones.inputs import pixels_to_backbone_input
+from schemas.backbones import BackboneSpec
 
 
 class _Embedder:
     """The loaded backbone behind one compiled ``images -> embeddings`` function."""
 
     def __init__(self, spec: BackboneSpec):
-        model = backbone.load(spec)
+        model = hub.load(spec)
         size = spec.image_size
 
         @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8)])

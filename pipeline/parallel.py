@@ -14,6 +14,10 @@ behave as in any DoFn). The pool is shared by the DoFn's instances in a worker p
 which bounds memory; results are emitted in input order; each output keeps its input's window
 and timestamp; an exception raised by ``work`` fails the bundle as it would without threads.
 
+The scheduling itself (submit, emit finished results in order, block only when ``max_in_flight``
+are pending) is :class:`InOrder`, which has no Beam in it; :func:`ordered_map` runs it over a
+plain iterable, as the preprocessing benchmark's Beam-free loop does.
+
 Beam's ``AsyncWrapper`` (``apache_beam.transforms.async_dofn``) targets slow remote calls in
 streaming pipelines: it needs keyed input and keeps pending elements in state with real-time
 timers, so it would serialize every decoded image; this class does not.
@@ -57,6 +61,46 @@ def _shared_pool(name: str, threads: int) -> ThreadPoolExecutor:
         return pool
 
 
+class InOrder:
+    """Work submitted to a pool, handed back in submission order with at most ``limit`` pending.
+
+    :meth:`submit` starts ``fn(element)`` and returns the ``(tag, result)`` pairs that are now
+    ready: the oldest ones that have finished, and, while more than ``limit`` are pending, the
+    oldest ones waited for. :meth:`drain` waits for the rest. ``tag`` is whatever the caller
+    wants back with the result. An exception raised by ``fn`` is re-raised on the caller's thread.
+    """
+
+    def __init__(self, pool: ThreadPoolExecutor, limit: int):
+        if limit < 1:
+            raise ValueError(f"limit must be positive, got {limit}")
+        self._pool = pool
+        self._limit = limit
+        self._pending: collections.deque[tuple[Any, Future]] = collections.deque()
+
+    def submit(self, fn, element, tag: Any = None) -> Iterator[tuple[Any, Any]]:
+        self._pending.append((tag, self._pool.submit(fn, element)))
+        while self._pending and (len(self._pending) > self._limit or self._pending[0][1].done()):
+            yield self._pop()
+
+    def drain(self) -> Iterator[tuple[Any, Any]]:
+        while self._pending:
+            yield self._pop()
+
+    def _pop(self) -> tuple[Any, Any]:
+        tag, future = self._pending.popleft()
+        return tag, future.result()
+
+
+def ordered_map(fn, elements: Iterable, pool: ThreadPoolExecutor, limit: int) -> Iterator:
+    """``fn`` over ``elements`` on ``pool``, results in input order, at most ``limit`` pending."""
+    queue = InOrder(pool, limit)
+    for element in elements:
+        for _, result in queue.submit(fn, element):
+            yield result
+    for _, result in queue.drain():
+        yield result
+
+
 class ThreadedDoFn(beam.DoFn):
     """Runs :meth:`work` for several elements at once on a thread pool; :meth:`emit` outputs.
 
@@ -73,7 +117,7 @@ class ThreadedDoFn(beam.DoFn):
         self._threads = threads
         self._max_in_flight = max_in_flight
         self._pool: ThreadPoolExecutor | None = None
-        self._pending: collections.deque | None = None
+        self._queue: InOrder | None = None
         self._limit = 0
 
     def work(self, element: Any) -> Any:
@@ -90,27 +134,24 @@ class ThreadedDoFn(beam.DoFn):
         self._pool = _shared_pool(type(self).__name__, threads)
 
     def start_bundle(self):
-        self._pending = collections.deque()
+        self._queue = InOrder(self._pool, self._limit)
 
     def process(
         self, element, window=beam.DoFn.WindowParam, timestamp=beam.DoFn.TimestampParam
     ) -> Iterator:
-        future: Future = self._pool.submit(self.work, element)
-        self._pending.append((element, window, timestamp, future))
         # Emit what is finished (in order) and block only when the queue is full.
-        while self._pending and (len(self._pending) > self._limit or self._pending[0][3].done()):
-            yield from self._emit_oldest()
+        for tag, result in self._queue.submit(self.work, element, (element, window, timestamp)):
+            yield from self._emit(tag, result)
 
     def finish_bundle(self) -> Iterator:
-        while self._pending:
-            yield from self._emit_oldest()
+        for tag, result in self._queue.drain():
+            yield from self._emit(tag, result)
 
     def teardown(self):
         self._pool = None  # the pool is the process's, shared with other instances
 
-    def _emit_oldest(self) -> Iterator:
-        element, window, timestamp, future = self._pending.popleft()
-        result = future.result()  # re-raises an exception of `work` on the bundle thread
+    def _emit(self, tag, result) -> Iterator:
+        element, window, timestamp = tag
         for output in self.emit(element, result):
             if isinstance(output, TaggedOutput):
                 yield TaggedOutput(output.tag, WindowedValue(output.value, timestamp, (window,)))

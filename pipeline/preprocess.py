@@ -10,35 +10,32 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import logging
 import sys
 from collections.abc import Sequence
-from importlib import metadata
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.runner import PipelineResult
 
-from pipeline import analyze, csv_rows, images, sinks, transforms
-from pipeline import backbone as backbone_lib
-from pipeline.cli import Parser, UsageError, fraction, positive_int, unknown_flags
-from schemas import backbones, csv_format, features
+from backbones import hub, registry
+from pipeline import analyze, dataset, files, images, sinks, transforms
+from pipeline.cli import check_beam_flags, delete_previous_outputs, run_pipeline
+from pipeline.records import ERRORS, error_to_json
+from schemas import csv_format
 from schemas import manifest as manifest_lib
 from schemas.backbones import BackboneSpec
+from schemas.cli import (
+    Parser,
+    UsageError,
+    configure_logging,
+    fraction,
+    positive_int,
+    report_usage_error,
+)
 
 _LOGGER = logging.getLogger(__name__)
 PROG = "hubflow-preprocess"
-_VERSIONED_PACKAGES = (
-    "hubflow",
-    "apache-beam",
-    "tensorflow",
-    "tf-keras",
-    "tensorflow-hub",
-    "tensorflow-transform",
-    "pillow",
-)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,9 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", help="where TFRecords, manifest and errors go (required)")
     parser.add_argument(
         "--backbone",
-        default=backbones.DEFAULT_BACKBONE,
+        default=registry.DEFAULT_BACKBONE,
         help="preset name, TF-Hub handle URL or SavedModel path "
-        f"(default {backbones.DEFAULT_BACKBONE}: ImageNet weights, built offline)",
+        f"(default {registry.DEFAULT_BACKBONE}: ImageNet weights, built offline)",
     )
     parser.add_argument(
         "--image_size",
@@ -109,20 +106,38 @@ def build_parser() -> argparse.ArgumentParser:
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Validated job configuration."""
+    """The parsed command line: flag values only, nothing read from disk yet."""
 
-    csv_paths: list[str]
+    input_csvs: list[str]
     image_dirs: list[str]
     output_dir: str
-    backbone: BackboneSpec
-    label_dict: list[str] | None
+    backbone: str
+    image_size: int | None
+    label_dict: str | None
     batch_size: int
     eval_fraction: float
     test_fraction: float
     jpeg_quality: int
     max_image_side: int | None
     max_image_pixels: int
+    overwrite: bool
     options: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """What :func:`resolve` found for a config: inputs listed, labels read, backbone probed."""
+
+    config: Config
+    csv_paths: list[str]
+    image_dirs: list[str]
+    label_dict: list[str] | None
+    backbone: BackboneSpec
+    previous_outputs: list[str]
+
+    @property
+    def output_dir(self) -> str:
+        return self.config.output_dir
 
 
 def _read_label_dict(path: str) -> list[str]:
@@ -131,7 +146,7 @@ def _read_label_dict(path: str) -> list[str]:
             text = f.read().decode("utf-8-sig")
     except Exception as e:  # noqa: BLE001
         raise UsageError(f"--label_dict: cannot read {path!r}: {e}") from e
-    labels = [line.strip() for line in text.splitlines() if line.strip()]
+    labels = [label.strip() for label in manifest_lib.parse_labels(text) if label.strip()]
     if not labels:
         raise UsageError(f"--label_dict: {path!r} holds no labels")
     duplicates = sorted({x for x in labels if labels.count(x) > 1})
@@ -140,36 +155,16 @@ def _read_label_dict(path: str) -> list[str]:
     return labels
 
 
-def _existing_outputs(output_dir: str) -> list[str]:
-    names = [manifest_lib.MANIFEST_FILE, manifest_lib.LABELS_FILE]
-    patterns = [FileSystems.join(output_dir, n) for n in names]
-    patterns += [
-        FileSystems.join(output_dir, features.tfrecord_pattern(s)) for s in csv_format.SPLITS
-    ]
-    patterns.append(FileSystems.join(output_dir, f"{manifest_lib.ERRORS_PREFIX}-*"))
-    found = []
-    for result in FileSystems.match(patterns):
-        found += [m.path for m in result.metadata_list]
-    for path in (
-        FileSystems.join(output_dir, manifest_lib.TRANSFORM_FN_DIR),
-        FileSystems.join(output_dir, manifest_lib.TRANSFORMED_METADATA_DIR),
-        analyze.tft_temp_dir(output_dir),
-    ):
-        if FileSystems.exists(path):
-            found.append(path)
-    return found
-
-
 def parse_config(argv: Sequence[str] | None = None) -> tuple[Config, list[str]]:
-    """Parses and validates the app flags; returns the config and the remaining Beam flags.
+    """Parses and checks the app flags; returns the config and the remaining Beam flags.
+
+    Only parses: nothing is listed, read, loaded or deleted here (see :func:`resolve`).
 
     Raises:
       UsageError: naming the offending flag.
     """
     args, beam_args = build_parser().parse_known_args(argv)
-    unknown = unknown_flags(beam_args)
-    if unknown:
-        raise UsageError(f"unrecognized flag {unknown[0]} (see --help)")
+    check_beam_flags(beam_args)
     if not args.output_dir:
         raise UsageError("--output_dir is required")
     if bool(args.input_csv) == bool(args.image_dir):
@@ -178,136 +173,79 @@ def parse_config(argv: Sequence[str] | None = None) -> tuple[Config, list[str]]:
         raise UsageError("--eval_fraction + --test_fraction must leave some data for training")
     if args.jpeg_quality > 100:
         raise UsageError(f"--jpeg_quality must be in 1..100, got {args.jpeg_quality}")
-    try:
-        csv_paths = csv_rows.resolve_csv_patterns(args.input_csv) if args.input_csv else []
-        for image_dir in args.image_dir:
-            next(iter(csv_rows.list_image_dir(image_dir)), None)  # raises on a missing dir
-    except ValueError as e:
-        raise UsageError(str(e)) from e
-    image_dirs = [d if "://" in d else _abspath(d) for d in args.image_dir]
-    label_dict = _read_label_dict(args.label_dict) if args.label_dict else None
-
-    output_dir = args.output_dir if "://" in args.output_dir else _abspath(args.output_dir)
-    existing = _existing_outputs(output_dir)
-    if existing and not args.overwrite:
-        raise UsageError(
-            f"--output_dir: {output_dir} already holds a dataset ({len(existing)} files); "
-            "pass --overwrite to replace it or choose another directory"
-        )
-    try:
-        spec = backbone_lib.probe(backbone_lib.resolve(args.backbone, args.image_size))
-    except ValueError as e:
-        raise UsageError(str(e)) from e
-    if existing:
-        _LOGGER.info("--overwrite: deleting %d outputs of an earlier run", len(existing))
-        FileSystems.delete(existing)
     options = {k: v for k, v in vars(args).items()}
     options["beam_args"] = list(beam_args)
     config = Config(
-        csv_paths=csv_paths,
-        image_dirs=image_dirs,
-        output_dir=output_dir,
-        backbone=spec,
-        label_dict=label_dict,
+        input_csvs=list(args.input_csv),
+        image_dirs=list(args.image_dir),
+        output_dir=files.absolute(args.output_dir),
+        backbone=args.backbone,
+        image_size=args.image_size,
+        label_dict=args.label_dict,
         batch_size=args.batch_size,
         eval_fraction=args.eval_fraction,
         test_fraction=args.test_fraction,
         jpeg_quality=args.jpeg_quality,
         max_image_side=args.max_image_side,
         max_image_pixels=args.max_image_pixels,
+        overwrite=args.overwrite,
         options=options,
     )
     return config, beam_args
 
 
-def _abspath(path: str) -> str:
-    import os
+def resolve(config: Config) -> Job:
+    """Lists the inputs, reads ``--label_dict``, probes the backbone and finds earlier outputs.
 
-    return os.path.abspath(path)
+    Reads only; deletes nothing.
 
-
-def _versions() -> dict[str, str]:
-    versions = {"python": sys.version.split()[0]}
-    for name in _VERSIONED_PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
-
-
-class WriteManifestFn(beam.DoFn):
-    """Checks the row accounting and writes ``manifest.json`` and ``labels.txt`` last."""
-
-    def __init__(self, config: Config, created: str, versions: dict[str, str]):
-        self._config = config
-        self._created = created
-        self._versions = versions
-
-    def process(self, event_counts, labels, written_files):
-        counts: dict[tuple, int] = {tuple(event): n for event, n in event_counts}
-        splits = manifest_lib.empty_splits(labels)
-        rejected_by_reason: dict[str, int] = {}
-        rows = manifest_lib.RowCounts()
-        for event, n in sorted(counts.items()):
-            kind = event[0]
-            if kind == "read":
-                rows.read += n
-            elif kind == "duplicate":
-                rows.duplicates += n
-            elif kind == "rejected":
-                rows.rejected += n
-                rejected_by_reason[event[1]] = rejected_by_reason.get(event[1], 0) + n
-            elif kind == "written":
-                split, label = event[1], event[2]
-                rows.written += n
-                splits[split]["count"] += n
-                splits[split]["labels"][label] = splits[split]["labels"].get(label, 0) + n
-        if not rows.balanced():
-            raise RuntimeError(
-                f"row accounting broken: read {rows.read} != written {rows.written} + "
-                f"duplicates {rows.duplicates} + rejected {rows.rejected}"
-            )
-        manifest = manifest_lib.Manifest(
-            labels=list(labels),
-            backbone=self._config.backbone,
-            splits=splits,
-            rows=rows,
-            rejected_by_reason=rejected_by_reason,
-            options=self._config.options,
-            versions=self._versions,
-            created=self._created,
+    Raises:
+      UsageError: naming the flag whose value cannot be used.
+    """
+    try:
+        csv_paths = files.resolve_csv_patterns(config.input_csvs) if config.input_csvs else []
+        for image_dir in config.image_dirs:
+            next(iter(files.list_image_dir(image_dir)), None)  # raises on a missing dir
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    label_dict = _read_label_dict(config.label_dict) if config.label_dict else None
+    previous = dataset.existing_outputs(config.output_dir)
+    if previous and not config.overwrite:
+        raise UsageError(
+            f"--output_dir: {config.output_dir} already holds a dataset ({len(previous)} files); "
+            "pass --overwrite to replace it or choose another directory"
         )
-        out = self._config.output_dir
-        with FileSystems.create(FileSystems.join(out, manifest_lib.LABELS_FILE)) as f:
-            f.write("".join(f"{label}\n" for label in labels).encode("utf-8"))
-        with FileSystems.create(FileSystems.join(out, manifest_lib.MANIFEST_FILE)) as f:
-            f.write(json.dumps(manifest.to_json(), indent=2, ensure_ascii=False).encode("utf-8"))
-        yield manifest.to_json()
+    try:
+        spec = hub.probe(registry.resolve(config.backbone, config.image_size))
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    image_dirs = [files.absolute(d) for d in config.image_dirs]
+    return Job(config, csv_paths, image_dirs, label_dict, spec, previous)
 
 
-def build_pipeline(p: beam.Pipeline, config: Config) -> None:
+def build_pipeline(p: beam.Pipeline, job: Job) -> None:
     """Adds the whole job to ``p``."""
-    out = config.output_dir
+    config = job.config
+    out = job.output_dir
     rows, parse_errors = p | "ReadRows" >> transforms.ReadRows(
-        config.csv_paths, config.image_dirs, config.label_dict
+        job.csv_paths, job.image_dirs, job.label_dict
     )
     total_rows = rows | "CountRows" >> beam.combiners.Count.Globally()
     hashed = rows | "HashAndValidate" >> beam.ParDo(
         transforms.HashAndValidateFn(config.max_image_pixels),
         total=beam.pvalue.AsSingleton(total_rows),
-    ).with_outputs(transforms.ERRORS, main="ok")
+    ).with_outputs(ERRORS, main="ok")
     resolved = (
         hashed.ok
         | "GroupByContent" >> beam.GroupByKey()
         | "ResolveDuplicates"
         >> beam.ParDo(
             transforms.ResolveDuplicatesFn(config.eval_fraction, config.test_fraction)
-        ).with_outputs(transforms.ERRORS, transforms.DUPLICATES, main="accepted")
+        ).with_outputs(ERRORS, transforms.DUPLICATES, main="accepted")
     )
     accepted = resolved.accepted
-    if config.label_dict is not None:
-        labels = p | "LabelDict" >> beam.Create([list(config.label_dict)])
+    if job.label_dict is not None:
+        labels = p | "LabelDict" >> beam.Create([list(job.label_dict)])
     else:
         labels = (
             accepted
@@ -316,7 +254,7 @@ def build_pipeline(p: beam.Pipeline, config: Config) -> None:
         )
     total_accepted = accepted | "CountAccepted" >> beam.combiners.Count.Globally()
     embedded, embed_errors = accepted | "EncodeAndEmbed" >> transforms.EncodeAndEmbed(
-        config.backbone,
+        job.backbone,
         config.batch_size,
         config.max_image_pixels,
         config.max_image_side,
@@ -334,13 +272,13 @@ def build_pipeline(p: beam.Pipeline, config: Config) -> None:
 
     errors = (
         parse_errors,
-        hashed[transforms.ERRORS],
-        resolved[transforms.ERRORS],
+        hashed[ERRORS],
+        resolved[ERRORS],
         embed_errors,
     ) | "AllErrors" >> beam.Flatten()
     written_files.append(
         errors
-        | "ErrorsToJson" >> beam.Map(transforms.error_to_json)
+        | "ErrorsToJson" >> beam.Map(error_to_json)
         | "WriteErrors"
         >> beam.io.WriteToText(
             FileSystems.join(out, manifest_lib.ERRORS_PREFIX),
@@ -351,15 +289,17 @@ def build_pipeline(p: beam.Pipeline, config: Config) -> None:
     written_files.append(
         embedded[transforms.EMBEDDINGS]
         | "EmbeddingStatistics"
-        >> analyze.AnalyzeAndWriteTransformFn(out, config.backbone.embedding_dim)
+        >> analyze.AnalyzeAndWriteTransformFn(out, job.backbone.embedding_dim)
     )
 
     events = (
-        rows | "ReadEvents" >> beam.Map(lambda _: ("read",)),
-        parse_errors | "ParseErrorReadEvents" >> beam.Map(lambda _: ("read",)),
-        errors | "RejectEvents" >> beam.Map(lambda e: ("rejected", e.category)),
-        resolved[transforms.DUPLICATES] | "DuplicateEvents" >> beam.Map(lambda _: ("duplicate",)),
-        embedded[transforms.WRITTEN] | "WrittenEvents" >> beam.Map(lambda sl: ("written", *sl)),
+        rows | "ReadEvents" >> beam.Map(lambda _: (dataset.EVENT_READ,)),
+        parse_errors | "ParseErrorReadEvents" >> beam.Map(lambda _: (dataset.EVENT_READ,)),
+        errors | "RejectEvents" >> beam.Map(lambda e: (dataset.EVENT_REJECTED, e.category)),
+        resolved[transforms.DUPLICATES]
+        | "DuplicateEvents" >> beam.Map(lambda _: (dataset.EVENT_DUPLICATE,)),
+        embedded[transforms.WRITTEN]
+        | "WrittenEvents" >> beam.Map(lambda sl: (dataset.EVENT_WRITTEN, *sl)),
     ) | "Events" >> beam.Flatten()
     done = tuple(written_files) | "AllWritten" >> beam.Flatten()
     (
@@ -368,10 +308,12 @@ def build_pipeline(p: beam.Pipeline, config: Config) -> None:
         | "CollectCounts" >> beam.combiners.ToList()
         | "WriteManifest"
         >> beam.ParDo(
-            WriteManifestFn(
-                config,
+            dataset.WriteManifestFn(
+                out,
+                job.backbone,
+                config.options,
                 datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                _versions(),
+                dataset.package_versions(),
             ),
             labels=beam.pvalue.AsSingleton(labels),
             written_files=beam.pvalue.AsList(done),
@@ -380,7 +322,7 @@ def build_pipeline(p: beam.Pipeline, config: Config) -> None:
 
 
 def run(argv: Sequence[str] | None = None, test_pipeline=None) -> PipelineResult:
-    """Validates the flags, builds the job and runs it to completion.
+    """Parses the flags, then runs the job to completion (see :func:`run_config`).
 
     Raises:
       UsageError: on misuse, before the pipeline starts.
@@ -390,63 +332,31 @@ def run(argv: Sequence[str] | None = None, test_pipeline=None) -> PipelineResult
 
 
 def run_config(config: Config, beam_args: Sequence[str], test_pipeline=None) -> PipelineResult:
-    """Runs the job for an already validated config."""
-    options = PipelineOptions(list(beam_args))
-    p = test_pipeline or beam.Pipeline(options=options)
-    build_pipeline(p, config)
-    result = p.run()
-    result.wait_until_finish()
-    _cleanup(config.output_dir)
+    """Resolves the config, replaces an earlier run's outputs, builds the job and runs it.
+
+    Raises:
+      UsageError: on misuse (from :func:`resolve`), before the pipeline starts.
+    """
+    job = resolve(config)
+    delete_previous_outputs(job.previous_outputs)
+    result = run_pipeline(lambda p: build_pipeline(p, job), beam_args, test_pipeline)
+    dataset.remove_temp_files(job.output_dir)
     return result
 
 
-def _cleanup(output_dir: str) -> None:
-    temp = analyze.tft_temp_dir(output_dir)
-    if FileSystems.exists(temp):
-        FileSystems.delete([temp])
-
-
-def format_summary(manifest: manifest_lib.Manifest, output_dir: str) -> str:
-    """A short human summary: examples per split and label, and rejections by reason."""
-    width = max([len(label) for label in manifest.labels] + [5])
-    lines = [f"{'split':<6} {'label':<{width}} {'count':>7}"]
-    for split in csv_format.SPLITS:
-        for label in manifest.labels:
-            count = manifest.splits[split]["labels"].get(label, 0)
-            lines.append(f"{split:<6} {label:<{width}} {count:>7}")
-        lines.append(f"{split:<6} {'(all)':<{width}} {manifest.split_count(split):>7}")
-    r = manifest.rows
-    lines.append(
-        f"rows: read {r.read} = written {r.written} + duplicates {r.duplicates} "
-        f"+ rejected {r.rejected}"
-    )
-    for reason, n in sorted(manifest.rejected_by_reason.items(), key=lambda kv: -kv[1]):
-        lines.append(f"  rejected {reason}: {n}")
-    if r.rejected:
-        lines.append(
-            f"  details: {FileSystems.join(output_dir, manifest_lib.ERRORS_PREFIX)}-*.jsonl"
-        )
-    lines.append(f"output: {output_dir}")
-    return "\n".join(lines)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(
-        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    logging.getLogger("pipeline").setLevel(logging.INFO)  # progress lines; Beam's INFO is noise
+    configure_logging("pipeline", "backbones")  # progress lines; Beam's INFO is noise
     try:
         config, beam_args = parse_config(argv)  # fail fast, before Beam starts anything
+        run_config(config, beam_args)
     except UsageError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    run_config(config, beam_args)
+        return report_usage_error(PROG, e)
     try:
         manifest = manifest_lib.read_manifest(config.output_dir)
     except ValueError:
         print(f"{PROG}: the job finished but wrote no manifest (runner still running?)")
         return 0
-    print(format_summary(manifest, config.output_dir))
+    print(dataset.format_summary(manifest, config.output_dir))
     if manifest.rows.written == 0:
         print(f"{PROG}: error: no row was usable; see the errors file", file=sys.stderr)
         return 1

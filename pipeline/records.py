@@ -1,12 +1,28 @@
-"""Element types that flow through the preprocessing pipeline.
+"""Element types that flow through the Beam jobs, and the dead-letter plumbing they share.
 
-Plain NamedTuples: cheap to pickle, readable in test assertions, and ``_asdict()`` gives the
-JSON written to ``errors-*.jsonl``.
+Plain NamedTuples: cheap to pickle and readable in test assertions. A rejected row becomes a
+:class:`schemas.errors.ErrorRecord` on the ``errors`` output (:func:`reject`), counted under
+``rows_rejected_<category>``; :func:`error_to_json` is the line written to ``errors-*.jsonl``.
 """
 
 from __future__ import annotations
 
+import json
 from typing import NamedTuple
+
+import apache_beam as beam
+from apache_beam.pvalue import TaggedOutput
+
+from schemas.errors import ErrorRecord
+
+METRICS_NAMESPACE = "hubflow"
+# The tag of every DoFn's dead-letter output.
+ERRORS = "errors"
+
+# Kinds of input source, the first item of a ``(kind, path)`` source element.
+SOURCE_CSV = "csv"  # a label CSV
+SOURCE_IMAGE_DIR = "image_dir"  # a folder with one sub-folder per class
+SOURCE_PATTERN = "pattern"  # a glob of images (batch prediction)
 
 
 class Row(NamedTuple):
@@ -29,27 +45,17 @@ class Row(NamedTuple):
     split: str | None = None
 
 
-class ErrorRecord(NamedTuple):
-    """A rejected row, written as one JSON object to ``errors-*.jsonl``.
+def counter(name: str):
+    """A Beam counter in hubflow's namespace."""
+    return beam.metrics.Metrics.counter(METRICS_NAMESPACE, name)
 
-    Attributes:
-      csv: the source CSV (or image dir).
-      line: line number in ``csv`` (0 when not applicable).
-      row: the row text as written.
-      uri: the image URI (resolved), or "" when the row had none.
-      stage: pipeline stage that rejected it: parse, read, decode, dedupe, embed.
-      reason: a readable explanation.
-      category: a short machine-readable reason, also the name of its Beam counter.
-    """
 
-    csv: str
-    line: int
-    row: str
-    uri: str
-    stage: str
-    reason: str
-    category: str
+def reject(error: ErrorRecord) -> TaggedOutput:
+    """Counts a rejected row under its category and tags it for the ``errors`` output."""
+    counter(f"rows_rejected_{error.category}").inc()
+    return TaggedOutput(ERRORS, error)
 
-    @classmethod
-    def for_row(cls, row: Row, stage: str, category: str, reason: str) -> ErrorRecord:
-        return cls(row.source, row.line, row.row, row.uri, stage, reason, category)
+
+def error_to_json(error: ErrorRecord) -> str:
+    """One line of ``errors-*.jsonl``."""
+    return json.dumps(error._asdict(), ensure_ascii=False, sort_keys=False)

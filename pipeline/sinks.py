@@ -13,6 +13,7 @@ kept files within 2% of level 6's size. The files are ordinary GZIP TFRecords: a
 from __future__ import annotations
 
 import zlib
+from collections.abc import Iterable
 
 import apache_beam as beam
 from apache_beam.io import tfrecordio
@@ -25,7 +26,7 @@ GZIP_LEVEL = 6
 GZIP_STRATEGY = zlib.Z_RLE
 
 
-class _GzipFile(CompressedFile):
+class GzipFile(CompressedFile):
     """Beam's GZIP writer with an explicit deflate level and strategy."""
 
     def __init__(self, fileobj, level: int, strategy: int):
@@ -54,7 +55,7 @@ class _GzipTFRecordSink(tfrecordio._TFRecordSink):  # noqa: SLF001 - Beam's own 
 
     def open(self, temp_path):
         raw = FileSystems.create(temp_path, self.mime_type, CompressionTypes.UNCOMPRESSED)
-        return _GzipFile(raw, self._level, self._strategy)
+        return GzipFile(raw, self._level, self._strategy)
 
 
 class WriteToTFRecord(beam.PTransform):
@@ -68,3 +69,20 @@ class WriteToTFRecord(beam.PTransform):
 
     def expand(self, examples):
         return examples | "Write" >> beam.io.Write(self._sink)
+
+
+def write_tfrecords(
+    path: str, records: Iterable[bytes], level: int = GZIP_LEVEL, strategy: int = GZIP_STRATEGY
+) -> int:
+    """Writes ``records`` to one file exactly as the job's sink does (framing and deflate).
+
+    For measuring or reproducing the sink outside Beam; returns the number of records written.
+    """
+    count = 0
+    with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as raw:
+        f = GzipFile(raw, level, strategy)
+        for record in records:
+            tfrecordio._TFRecordUtil.write_record(f, record)  # noqa: SLF001 - Beam's own framing
+            count += 1
+        f.close()
+    return count

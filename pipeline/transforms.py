@@ -19,36 +19,29 @@ The label vocabulary is known after pass 2, so pass 3 never waits on a global re
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
 import apache_beam as beam
 import numpy as np
-from apache_beam.io.filesystem import CompressionTypes
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import KeyedModelHandler, PredictionResult, RunInference
 from apache_beam.pvalue import TaggedOutput
 
-from pipeline import csv_rows, images
+from pipeline import csv_rows, files, images
 from pipeline.inference import ImageEmbeddingModelHandler
 from pipeline.parallel import ThreadedDoFn
 from pipeline.progress import Progress
-from pipeline.records import ErrorRecord, Row
-from schemas import csv_format, features
+from pipeline.records import ERRORS, SOURCE_CSV, SOURCE_IMAGE_DIR, Row, counter, reject
+from schemas import csv_format, errors, features
 from schemas.backbones import BackboneSpec
+from schemas.errors import ErrorRecord, exception_reason
 
 _LOGGER = logging.getLogger(__name__)
-METRICS_NAMESPACE = "hubflow"
 
-ERRORS = "errors"
 DUPLICATES = "duplicates"
 WRITTEN = "written"
 EMBEDDINGS = "embeddings"
-
-SOURCE_CSV = "csv"
-SOURCE_IMAGE_DIR = "image_dir"
 
 
 class Accepted(NamedTuple):
@@ -78,32 +71,13 @@ def assign_split(sha256: str, eval_fraction: float, test_fraction: float) -> str
     return csv_format.TRAIN
 
 
-def _counter(name: str):
-    return beam.metrics.Metrics.counter(METRICS_NAMESPACE, name)
-
-
-def _rejected(error: ErrorRecord) -> TaggedOutput:
-    _counter(f"rows_rejected_{error.category}").inc()
-    return TaggedOutput(ERRORS, error)
-
-
-def _read_image_bytes(uri: str) -> bytes:
-    with FileSystems.open(uri, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-        return f.read()
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
-
-
 class ParseRowsFn(beam.DoFn):
     """Parses one label CSV or lists one image dir into rows; bad rows go to ``errors``."""
 
     def __init__(self, label_dict: list[str] | None = None):
         self._label_dict = label_dict
         self._known: frozenset[str] | None = None
-        self._read = _counter("rows_read")
+        self._read = counter("rows_read")
 
     def setup(self):
         self._known = frozenset(self._label_dict) if self._label_dict is not None else None
@@ -112,22 +86,30 @@ class ParseRowsFn(beam.DoFn):
         kind, path = source
         try:
             items = list(
-                csv_rows.read_csv(path) if kind == SOURCE_CSV else csv_rows.list_image_dir(path)
+                csv_rows.read_csv(path) if kind == SOURCE_CSV else files.list_image_dir(path)
             )
         except Exception as e:  # noqa: BLE001 - the source vanished after launch: report it
             items = [
-                ErrorRecord(path, 0, "", "", "parse", f"cannot read: {_one_line(e)}", "unreadable")
+                ErrorRecord(
+                    path,
+                    0,
+                    "",
+                    "",
+                    errors.STAGE_PARSE,
+                    f"cannot read: {exception_reason(e)}",
+                    errors.UNREADABLE,
+                )
             ]
         for item in items:
             self._read.inc()
             if isinstance(item, ErrorRecord):
-                yield _rejected(item)
+                yield reject(item)
             elif self._known is not None and item.label not in self._known:
-                yield _rejected(
+                yield reject(
                     ErrorRecord.for_row(
                         item,
-                        "parse",
-                        "unknown_label",
+                        errors.STAGE_PARSE,
+                        errors.UNKNOWN_LABEL,
                         f"label {item.label!r} is not in --label_dict",
                     )
                 )
@@ -184,7 +166,7 @@ class HashAndValidateFn(ThreadedDoFn):
     def emit(self, row: Row, result: str | ErrorRecord) -> Iterator:
         self._progress.update(total=self._total)
         if isinstance(result, ErrorRecord):
-            yield _rejected(result)
+            yield reject(result)
         else:
             yield result, row
 
@@ -192,13 +174,13 @@ class HashAndValidateFn(ThreadedDoFn):
 def hash_and_validate(row: Row, max_pixels: int) -> str | ErrorRecord:
     """The sha256 hex digest of a row's image, or why the row is rejected."""
     try:
-        data = _read_image_bytes(row.uri)
+        data = files.read_image_bytes(row.uri)
     except Exception as e:  # noqa: BLE001 - any filesystem failure rejects this row
-        return ErrorRecord.for_row(row, "read", "unreadable", _one_line(e))
+        return ErrorRecord.for_row(row, errors.STAGE_READ, errors.UNREADABLE, exception_reason(e))
     try:
         images.validate(data, max_pixels)
     except images.ImageError as e:
-        return ErrorRecord.for_row(row, "decode", e.category, str(e))
+        return ErrorRecord.for_row(row, errors.STAGE_DECODE, e.category, str(e))
     return images.sha256_hex(data)
 
 
@@ -227,10 +209,12 @@ class ResolveDuplicatesFn(beam.DoFn):
                     f"labeled {', '.join(others[:5])}{' …' if len(others) > 5 else ''}; "
                     "none of these rows is written"
                 )
-                yield _rejected(ErrorRecord.for_row(row, "dedupe", "conflicting_labels", reason))
+                yield reject(
+                    ErrorRecord.for_row(row, errors.STAGE_DEDUPE, errors.CONFLICTING_LABELS, reason)
+                )
             return
         for row in rows[1:]:
-            _counter("rows_duplicate").inc()
+            counter("rows_duplicate").inc()
             yield TaggedOutput(DUPLICATES, row)
         split = next((r.split for r in rows if r.split), None) or assign_split(
             sha256, self._eval_fraction, self._test_fraction
@@ -265,12 +249,17 @@ class EncodeFn(ThreadedDoFn):
     def work(self, accepted: Accepted) -> tuple[Encoded, np.ndarray] | ErrorRecord:
         row = accepted.row
         try:
-            data = _read_image_bytes(row.uri)
+            data = files.read_image_bytes(row.uri)
         except Exception as e:  # noqa: BLE001
-            return ErrorRecord.for_row(row, "read", "unreadable", _one_line(e))
+            return ErrorRecord.for_row(
+                row, errors.STAGE_READ, errors.UNREADABLE, exception_reason(e)
+            )
         if images.sha256_hex(data) != accepted.sha256:
             return ErrorRecord.for_row(
-                row, "read", "file_changed", "the file changed while the job was running"
+                row,
+                errors.STAGE_READ,
+                errors.FILE_CHANGED,
+                "the file changed while the job was running",
             )
         try:
             encoded = images.reencode(
@@ -281,13 +270,13 @@ class EncodeFn(ThreadedDoFn):
                 backbone_size=self._image_size,
             )
         except images.ImageError as e:
-            return ErrorRecord.for_row(row, "decode", e.category, str(e))
+            return ErrorRecord.for_row(row, errors.STAGE_DECODE, e.category, str(e))
         key = Encoded(accepted, encoded.height, encoded.width, encoded.jpeg)
         return key, encoded.backbone_pixels
 
     def emit(self, accepted: Accepted, result) -> Iterator:
         if isinstance(result, ErrorRecord):
-            yield _rejected(result)
+            yield reject(result)
         else:
             yield result
 
@@ -312,9 +301,12 @@ class ToExampleFn(beam.DoFn):
         row = accepted.row
         embedding = np.asarray(result.inference, dtype=np.float32)
         if not np.all(np.isfinite(embedding)):
-            yield _rejected(
+            yield reject(
                 ErrorRecord.for_row(
-                    row, "embed", "embed_failed", "the backbone returned non-finite features"
+                    row,
+                    errors.STAGE_EMBED,
+                    errors.EMBED_FAILED,
+                    "the backbone returned non-finite features",
                 )
             )
             return
@@ -329,7 +321,7 @@ class ToExampleFn(beam.DoFn):
             label_text=row.label,
             embedding=embedding,
         )
-        _counter("rows_written").inc()
+        counter("rows_written").inc()
         yield TaggedOutput(accepted.split, example.SerializeToString())
         yield TaggedOutput(WRITTEN, (accepted.split, row.label))
         yield TaggedOutput(EMBEDDINGS, embedding)
@@ -338,9 +330,12 @@ class ToExampleFn(beam.DoFn):
 def _failed_batch_errors(element) -> Iterator[ErrorRecord]:
     batch, exception = element
     for key, _ in batch:
-        _counter("rows_rejected_embed_failed").inc()
+        counter(f"rows_rejected_{errors.EMBED_FAILED}").inc()
         yield ErrorRecord.for_row(
-            key.accepted.row, "embed", "embed_failed", f"backbone failed: {_one_line(exception)}"
+            key.accepted.row,
+            errors.STAGE_EMBED,
+            errors.EMBED_FAILED,
+            f"backbone failed: {exception_reason(exception)}",
         )
 
 
@@ -389,7 +384,3 @@ class EncodeAndEmbed(beam.PTransform):
         ).with_outputs(ERRORS, WRITTEN, EMBEDDINGS, *csv_format.SPLITS)
         errors = (encoded[ERRORS], embed_errors, out[ERRORS]) | "EmbedErrors" >> beam.Flatten()
         return out, errors
-
-
-def error_to_json(error: ErrorRecord) -> str:
-    return json.dumps(error._asdict(), ensure_ascii=False, sort_keys=False)

@@ -1,10 +1,11 @@
-"""hubflow's data contract: feature keys, TFRecord layout, label-CSV format, backbones, manifest.
+"""hubflow's contract: feature keys, TFRecord layout, label-CSV format, error records, the
+backbone spec, the manifest, the serving signature and the command-line conventions.
 
-Both the Beam pipeline and the trainer import this package; nothing else in the code base spells
-a feature key, a split name or a manifest field.
+Every other package imports this one, so this is the one place that pins Keras 2:
+``hub.KerasLayer`` is a tf_keras layer, and ``tf.keras`` is fixed for the process the first time
+anything resolves it. Each package's ``__init__`` imports ``schemas`` before anything else.
 """
 
 import os
 
-# hub.KerasLayer is a tf_keras layer; pin tf.keras to Keras 2 before anything resolves it.
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")

@@ -1,4 +1,4 @@
-"""The label-CSV format and the error-record layout.
+"""The label-CSV format and the split names.
 
 A label CSV holds rows ``image_uri,label``. An optional header row names the columns; with a
 header, a third column ``split`` may pin a row to one split, overriding the hashed assignment.
@@ -15,6 +15,3 @@ TRAIN = "train"
 EVAL = "eval"
 TEST = "test"
 SPLITS = (TRAIN, EVAL, TEST)
-
-# Fields of one error record (one JSON object per line in ``errors-*.jsonl``).
-ERROR_FIELDS = ("csv", "line", "row", "uri", "stage", "reason", "category")

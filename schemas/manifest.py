@@ -92,6 +92,16 @@ def empty_splits(labels: list[str]) -> dict[str, dict[str, Any]]:
     return {s: {"count": 0, "labels": {label: 0 for label in labels}} for s in csv_format.SPLITS}
 
 
+def labels_text(labels: list[str]) -> str:
+    """A labels file's text (``labels.txt``): one label per line, in index order."""
+    return "".join(f"{label}\n" for label in labels)
+
+
+def parse_labels(text: str) -> list[str]:
+    """The labels of a labels file's text."""
+    return [line for line in text.splitlines() if line]
+
+
 def manifest_path(data_dir: str) -> str:
     return f"{data_dir.rstrip('/')}/{MANIFEST_FILE}"
 

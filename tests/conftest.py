@@ -5,12 +5,13 @@ from __future__ import annotations
 import io
 import os
 
-os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
+
+import schemas  # noqa: E402, F401 - pins Keras 2 before TensorFlow resolves tf.keras
 
 TINY_SIZE = 32
 TINY_DIM = 16
@@ -22,7 +23,7 @@ CLASS_COLOURS = {"daisy": (230, 220, 60), "rose": (200, 30, 40), "tulip": (60, 7
 @pytest.fixture(scope="session")
 def tiny_backbone(tmp_path_factory) -> str:
     """A tiny Hub-format feature-vector SavedModel (a tf_keras conv net, tf.saved_model.save)."""
-    from pipeline.sample import save_standin_backbone
+    from backbones.standin import save_standin_backbone
 
     return save_standin_backbone(
         str(tmp_path_factory.mktemp("backbone") / "tiny"), TINY_SIZE, TINY_DIM

@@ -7,9 +7,11 @@ import os
 
 import pytest
 
-from pipeline.csv_rows import list_image_dir, parse_csv, read_csv, resolve_csv_patterns
-from pipeline.records import ErrorRecord, Row
+from pipeline.csv_rows import parse_csv, read_csv
+from pipeline.files import list_image_dir, resolve_csv_patterns
+from pipeline.records import Row
 from schemas.csv_format import EVAL, LABEL_COLUMN, SPLIT_COLUMN, TEST, TRAIN, URI_COLUMN
+from schemas.errors import ErrorRecord
 
 SOURCE = "/data/set/labels.csv"
 GCS_SOURCE = "gs://bucket/dir/labels.csv"

@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from pipeline import backbone
-from training import demo
+from backbones import cache
+from demo import run as demo
 
 pytestmark = pytest.mark.slow
 
@@ -39,14 +39,14 @@ def test_builtin_cache_never_exposes_a_half_written_entry(tmp_path, monkeypatch)
         os.makedirs(f"{path}.tmp-crashed")  # what a killed builder leaves behind
         raise OSError("disk full")
 
-    monkeypatch.setattr(backbone, "_build_builtin", crashing_build)
+    monkeypatch.setattr(cache, "build_builtin", crashing_build)
     with pytest.raises(OSError):
-        backbone.local_handle("hubflow-builtin://efficientnet_lite0")
+        cache.local_handle("hubflow-builtin://efficientnet_lite0")
     assert not os.path.exists(calls[0])  # nothing at the real path for others to load
 
     def racing_build(name, path):  # another process renamed its copy in first
         os.makedirs(path)
         raise OSError("Directory not empty")
 
-    monkeypatch.setattr(backbone, "_build_builtin", racing_build)
-    assert backbone.local_handle("hubflow-builtin://efficientnet_lite0") == calls[0]
+    monkeypatch.setattr(cache, "build_builtin", racing_build)
+    assert cache.local_handle("hubflow-builtin://efficientnet_lite0") == calls[0]

@@ -12,8 +12,8 @@ import pytest
 import skimage.data
 import tensorflow as tf
 
-from pipeline import efficientnet_lite, torch_pickle
-from schemas.backbones import image_to_backbone_input
+from backbones import efficientnet_lite, torch_pickle
+from backbones.inputs import image_to_backbone_input
 
 GOLDEN_FEATURES = Path(__file__).parent / "data" / "efficientnet_lite0_chelsea_features.npy"
 
@@ -217,7 +217,7 @@ def test_rejects_weights_of_another_layout(weights):
 def test_saved_hub_module_matches_and_fine_tunes(tmp_path, feature_extractor):
     import tensorflow_hub as hub
 
-    from pipeline import backbone
+    from backbones.hub import signature_image_size
 
     path = efficientnet_lite.save_hub_module(str(tmp_path / "lite0"))
     assert os.listdir(tmp_path) == ["lite0"]  # the temp dir was renamed into place
@@ -226,7 +226,7 @@ def test_saved_hub_module_matches_and_fine_tunes(tmp_path, feature_extractor):
 
     module = hub.load(path)
     np.testing.assert_allclose(module(images).numpy(), expected, atol=1e-5)
-    assert backbone.signature_image_size(module) == efficientnet_lite.IMAGE_SIZE
+    assert signature_image_size(module) == efficientnet_lite.IMAGE_SIZE
 
     layer = hub.KerasLayer(path, trainable=True)
     np.testing.assert_allclose(layer(images, training=False).numpy(), expected, atol=1e-5)

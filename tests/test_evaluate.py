@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training import evaluate
+from evaluation import metrics, plots
 
 LABELS = ["daisy", "rose", "tulip"]
 
@@ -36,7 +36,7 @@ PROBS = np.array(
 
 @pytest.fixture()
 def report() -> dict:
-    return evaluate.classification_report(Y_TRUE, PROBS, LABELS, k=2)
+    return metrics.classification_report(Y_TRUE, PROBS, LABELS, k=2)
 
 
 def test_confusion_matrix_rows_true_cols_predicted(report):
@@ -60,11 +60,11 @@ def test_per_class_precision_recall_f1_support_by_hand(report):
         "tulip": {"precision": 1 / 1, "recall": 1 / 2, "f1": 2 / 3, "support": 2},
     }
     assert list(report["per_class"]) == LABELS
-    for label, metrics in expected.items():
+    for label, want in expected.items():
         got = report["per_class"][label]
-        assert got["support"] == metrics["support"]
+        assert got["support"] == want["support"]
         for name in ("precision", "recall", "f1"):
-            assert got[name] == pytest.approx(metrics[name]), (label, name)
+            assert got[name] == pytest.approx(want[name]), (label, name)
     assert report["macro_f1"] == pytest.approx((2 / 5 + 1 / 2 + 2 / 3) / 3)  # 47/90
 
 
@@ -77,32 +77,32 @@ def test_loss_is_mean_natural_log_cross_entropy(report):
 
 def test_loss_clips_zero_probability_of_true_class():
     probs = np.array([[1.0, 0.0], [0.0, 1.0]])
-    report = evaluate.classification_report(np.array([0, 0]), probs, ["a", "b"])
+    report = metrics.classification_report(np.array([0, 0]), probs, ["a", "b"])
     # Example 1 is right (log 1 = 0); example 2 gives its true class 0 -> clipped to 1e-7.
     assert report["loss"] == pytest.approx(-math.log(1e-7) / 2)
     assert math.isfinite(report["loss"])
 
 
 def test_top_k_defaults_to_min_of_five_and_classes():
-    assert evaluate.classification_report(Y_TRUE, PROBS, LABELS)["k"] == 3
-    assert evaluate.classification_report(Y_TRUE, PROBS, LABELS)["top_k_accuracy"] == 1.0
+    assert metrics.classification_report(Y_TRUE, PROBS, LABELS)["k"] == 3
+    assert metrics.classification_report(Y_TRUE, PROBS, LABELS)["top_k_accuracy"] == 1.0
     rng = np.random.default_rng(0)
     probs = rng.dirichlet(np.ones(8), size=20)
     y = rng.integers(0, 8, size=20)
-    report = evaluate.classification_report(y, probs, [f"c{i}" for i in range(8)])
+    report = metrics.classification_report(y, probs, [f"c{i}" for i in range(8)])
     assert report["k"] == 5
     ranks = np.sum(probs > probs[np.arange(20), y][:, None], axis=1)
     assert report["top_k_accuracy"] == pytest.approx(np.mean(ranks < 5))
 
 
 def test_top_1_equals_accuracy_without_ties(report):
-    top1 = evaluate.classification_report(Y_TRUE, PROBS, LABELS, k=1)
+    top1 = metrics.classification_report(Y_TRUE, PROBS, LABELS, k=1)
     assert top1["top_k_accuracy"] == pytest.approx(report["accuracy"])
 
 
 def test_perfect_predictions():
     probs = np.eye(3)[[0, 1, 2, 2, 1]]
-    report = evaluate.classification_report(np.array([0, 1, 2, 2, 1]), probs, LABELS)
+    report = metrics.classification_report(np.array([0, 1, 2, 2, 1]), probs, LABELS)
     assert report["accuracy"] == 1.0
     assert report["top_k_accuracy"] == 1.0
     assert report["macro_f1"] == 1.0
@@ -115,7 +115,7 @@ def test_class_never_predicted_and_class_without_examples_are_zero_not_nan():
     # tulip is never predicted (precision undefined); rose has no examples (recall undefined).
     y = np.array([0, 0, 2])
     probs = np.array([[0.9, 0.05, 0.05], [0.2, 0.7, 0.1], [0.6, 0.3, 0.1]])
-    report = evaluate.classification_report(y, probs, LABELS)
+    report = metrics.classification_report(y, probs, LABELS)
     tulip, rose = report["per_class"]["tulip"], report["per_class"]["rose"]
     assert tulip == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
     assert rose == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
@@ -126,7 +126,7 @@ def test_class_never_predicted_and_class_without_examples_are_zero_not_nan():
 
 
 def test_no_examples_reports_none_averages():
-    report = evaluate.classification_report(np.array([], dtype=int), np.zeros((0, 3)), LABELS)
+    report = metrics.classification_report(np.array([], dtype=int), np.zeros((0, 3)), LABELS)
     assert report["examples"] == 0
     assert report["accuracy"] is None
     assert report["top_k_accuracy"] is None
@@ -142,7 +142,7 @@ def test_no_examples_reports_none_averages():
 
 
 def test_no_examples_accepts_plain_empty_lists():
-    report = evaluate.classification_report(np.array([]), np.array([]), LABELS)
+    report = metrics.classification_report(np.array([]), np.array([]), LABELS)
     assert report["examples"] == 0
 
 
@@ -160,7 +160,7 @@ def test_report_is_plain_json_round_trip(report):
 
 
 def test_float_label_indices_that_are_whole_numbers_are_accepted(report):
-    assert evaluate.classification_report(Y_TRUE.astype(float), PROBS, LABELS, k=2) == report
+    assert metrics.classification_report(Y_TRUE.astype(float), PROBS, LABELS, k=2) == report
 
 
 @pytest.mark.parametrize(
@@ -181,12 +181,12 @@ def test_float_label_indices_that_are_whole_numbers_are_accepted(report):
 )
 def test_bad_inputs_raise_value_error(y_true, probs, labels, k, message):
     with pytest.raises(ValueError, match=message):
-        evaluate.classification_report(y_true, probs, labels, k=k)
+        metrics.classification_report(y_true, probs, labels, k=k)
 
 
 def test_write_metrics_round_trip(tmp_path, report):
     path = tmp_path / "out" / "metrics.json"
-    evaluate.write_metrics(str(path), {"eval": report, "test": report})
+    metrics.write_metrics(str(path), {"eval": report, "test": report})
     text = path.read_text()
     assert text.startswith("{\n  ")  # indented
     assert json.loads(text) == {"eval": report, "test": report}
@@ -194,27 +194,27 @@ def test_write_metrics_round_trip(tmp_path, report):
 
 def test_write_metrics_converts_numpy_values(tmp_path):
     path = tmp_path / "metrics.json"
-    evaluate.write_metrics(str(path), {"eval": {"accuracy": np.float32(0.5), "m": np.eye(2)}})
+    metrics.write_metrics(str(path), {"eval": {"accuracy": np.float32(0.5), "m": np.eye(2)}})
     assert json.loads(path.read_text()) == {"eval": {"accuracy": 0.5, "m": [[1, 0], [0, 1]]}}
 
 
 def test_write_metrics_rejects_remote_paths(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match="local"):
-        evaluate.write_metrics("gs://bucket/metrics.json", {})
+        metrics.write_metrics("gs://bucket/metrics.json", {})
     assert not (tmp_path / "gs:").exists()
 
 
 def test_evaluate_does_not_import_tensorflow():
     # A fresh interpreter: other tests in this process may already have imported TensorFlow.
-    code = "import sys, training.evaluate; sys.exit(int('tensorflow' in sys.modules))"
+    code = "import sys, evaluation.metrics, evaluation.plots; sys.exit(int('tensorflow' in sys.modules))"
     root = Path(__file__).resolve().parents[1]
     result = subprocess.run([sys.executable, "-c", code], cwd=root, check=False)
     assert result.returncode == 0
 
 
 def test_format_report_table(report):
-    table = evaluate.format_report_table(report)
+    table = metrics.format_report_table(report)
     lines = table.splitlines()
     assert lines[0].split() == ["examples", "6"]
     assert lines[1].split() == ["accuracy", "0.5000"]
@@ -232,8 +232,8 @@ def test_format_report_table(report):
 
 
 def test_format_report_table_without_examples():
-    report = evaluate.classification_report(np.zeros(0, int), np.zeros((0, 2)), ["a", "b"])
-    table = evaluate.format_report_table(report)
+    report = metrics.classification_report(np.zeros(0, int), np.zeros((0, 2)), ["a", "b"])
+    table = metrics.format_report_table(report)
     assert "accuracy  n/a" in table
     assert table.splitlines()[-1].split() == ["b", "0.0000", "0.0000", "0.0000", "0"]
 
@@ -264,7 +264,7 @@ def _random_matrix(num_classes: int, seed: int = 0) -> np.ndarray:
 def test_plot_confusion_matrix_writes_png(tmp_path, num_classes):
     labels = [f"class_{i}" for i in range(num_classes)]
     path = tmp_path / "plots" / "cm.png"
-    evaluate.plot_confusion_matrix(str(path), _random_matrix(num_classes), labels, "eval")
+    plots.plot_confusion_matrix(str(path), _random_matrix(num_classes), labels, "eval")
     image = _png(path)
     width, height = image.size
     assert 300 <= width <= 2500 and 300 <= height <= 2500
@@ -273,14 +273,14 @@ def test_plot_confusion_matrix_writes_png(tmp_path, num_classes):
 
 
 def test_confusion_matrix_figure_grows_with_classes():
-    small = evaluate.confusion_matrix_figure(_random_matrix(2), ["a", "b"], "t")
-    big = evaluate.confusion_matrix_figure(_random_matrix(30), [str(i) for i in range(30)], "t")
+    small = plots.confusion_matrix_figure(_random_matrix(2), ["a", "b"], "t")
+    big = plots.confusion_matrix_figure(_random_matrix(30), [str(i) for i in range(30)], "t")
     assert big.get_size_inches()[0] > small.get_size_inches()[0]
 
 
 def test_confusion_matrix_figure_counts_colours_and_axis_labels():
     matrix = np.array([[8, 2], [0, 5]])
-    figure = evaluate.confusion_matrix_figure(matrix, ["cat", "dog"], "eval split")
+    figure = plots.confusion_matrix_figure(matrix, ["cat", "dog"], "eval split")
     axes = figure.axes[0]
     assert axes.get_xlabel() == "predicted"
     assert axes.get_ylabel() == "true"
@@ -296,25 +296,23 @@ def test_confusion_matrix_figure_counts_colours_and_axis_labels():
 
 
 def test_confusion_matrix_figure_empty_row_is_zero_not_nan():
-    figure = evaluate.confusion_matrix_figure(np.array([[3, 1], [0, 0]]), ["a", "b"], "t")
+    figure = plots.confusion_matrix_figure(np.array([[3, 1], [0, 0]]), ["a", "b"], "t")
     data = np.asarray(figure.axes[0].images[0].get_array())
     assert np.all(np.isfinite(data))
     np.testing.assert_allclose(data, [[0.75, 0.25], [0.0, 0.0]])
 
 
 def test_confusion_matrix_figure_omits_cell_text_for_many_classes():
-    n = evaluate.MAX_CLASSES_WITH_CELL_TEXT
-    few = evaluate.confusion_matrix_figure(_random_matrix(n), [str(i) for i in range(n)], "t")
-    many = evaluate.confusion_matrix_figure(
-        _random_matrix(n + 5), [str(i) for i in range(n + 5)], "t"
-    )
+    n = plots.MAX_CLASSES_WITH_CELL_TEXT
+    few = plots.confusion_matrix_figure(_random_matrix(n), [str(i) for i in range(n)], "t")
+    many = plots.confusion_matrix_figure(_random_matrix(n + 5), [str(i) for i in range(n + 5)], "t")
     assert len(few.axes[0].texts) == n * n
     assert len(many.axes[0].texts) == 0
 
 
 def test_plot_confusion_matrix_rejects_wrong_shape(tmp_path):
     with pytest.raises(ValueError, match="3 x 3"):
-        evaluate.plot_confusion_matrix(str(tmp_path / "cm.png"), np.eye(2), LABELS, "t")
+        plots.plot_confusion_matrix(str(tmp_path / "cm.png"), np.eye(2), LABELS, "t")
 
 
 def test_plots_leave_no_open_pyplot_figures(tmp_path):
@@ -322,8 +320,8 @@ def test_plots_leave_no_open_pyplot_figures(tmp_path):
 
     before = plt.get_fignums()
     for i in range(3):
-        evaluate.plot_confusion_matrix(str(tmp_path / f"cm{i}.png"), np.eye(2), ["a", "b"], "t")
-        evaluate.plot_training_curves(str(tmp_path / f"c{i}.png"), {"loss": [1.0, 0.5]})
+        plots.plot_confusion_matrix(str(tmp_path / f"cm{i}.png"), np.eye(2), ["a", "b"], "t")
+        plots.plot_training_curves(str(tmp_path / f"c{i}.png"), {"loss": [1.0, 0.5]})
     assert plt.get_fignums() == before
 
 
@@ -340,7 +338,7 @@ def _lines(axes) -> dict[str, list]:
 
 
 def test_training_curves_two_panels_train_and_eval():
-    figure = evaluate.training_curves_figure(HISTORY)
+    figure = plots.training_curves_figure(HISTORY)
     loss_axes, accuracy_axes = figure.axes
     assert loss_axes.get_title() == "loss" and accuracy_axes.get_title() == "accuracy"
     loss_lines, accuracy_lines = _lines(loss_axes), _lines(accuracy_axes)
@@ -353,14 +351,14 @@ def test_training_curves_two_panels_train_and_eval():
 
 def test_training_curves_without_val_keys_and_legacy_acc():
     history = {"loss": [1.0, 0.5, 0.3], "acc": [0.4, 0.6, 0.7]}
-    figure = evaluate.training_curves_figure(history)
+    figure = plots.training_curves_figure(history)
     loss_axes, accuracy_axes = figure.axes
     assert set(_lines(loss_axes)) == {"train"}
     np.testing.assert_allclose(_lines(accuracy_axes)["train"].get_ydata(), history["acc"])
 
 
 def test_training_curves_missing_accuracy_says_so():
-    figure = evaluate.training_curves_figure({"loss": [1.0, 0.5]})
+    figure = plots.training_curves_figure({"loss": [1.0, 0.5]})
     accuracy_axes = figure.axes[1]
     assert not accuracy_axes.get_lines()
     assert [t.get_text() for t in accuracy_axes.texts] == ["no accuracy recorded"]
@@ -368,7 +366,7 @@ def test_training_curves_missing_accuracy_says_so():
 
 def test_training_curves_stage_marker_between_stages():
     history = {**HISTORY, "stage": [0, 0, 0, 0, 1, 1]}
-    figure = evaluate.training_curves_figure(history)
+    figure = plots.training_curves_figure(history)
     for axes in figure.axes:
         markers = [line for line in axes.get_lines() if line.get_linestyle() == "--"]
         markers = [m for m in markers if m.get_label() == "fine-tuning"]
@@ -380,7 +378,7 @@ def test_training_curves_stage_marker_between_stages():
 
 
 def test_training_curves_no_marker_for_single_stage():
-    figure = evaluate.training_curves_figure({**HISTORY, "stage": [0] * 6})
+    figure = plots.training_curves_figure({**HISTORY, "stage": [0] * 6})
     for axes in figure.axes:
         assert "fine-tuning" not in _lines(axes)
 
@@ -397,7 +395,7 @@ def test_training_curves_no_marker_for_single_stage():
 )
 def test_plot_training_curves_writes_png(tmp_path, history):
     path = tmp_path / "curves" / "training.png"
-    evaluate.plot_training_curves(str(path), history)
+    plots.plot_training_curves(str(path), history)
     image = _png(path)
     width, height = image.size
     assert width > height  # two panels side by side

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image, ImageFile, JpegImagePlugin
 
 from pipeline import images
+from schemas import errors
 
 RED = (255, 0, 0)
 GREEN = (0, 255, 0)
@@ -161,7 +162,7 @@ def test_truncated_jpeg_is_undecodable(decoder, progressive):
     with pytest.raises(images.ImageError) as excinfo:
         DECODERS[decoder](data[: len(data) // 2])
 
-    assert excinfo.value.category == images.UNDECODABLE
+    assert excinfo.value.category == errors.UNDECODABLE
     assert "truncated" in str(excinfo.value) and "JPEG" in str(excinfo.value)
 
 
@@ -181,7 +182,7 @@ def test_validate_rejects_truncated_jpeg_in_its_scaled_draft_mode(monkeypatch):
     assert drafts and drafts[-1][0] is not None and drafts[-1][1] == (12, 8)  # decoded at 1/8
     with pytest.raises(images.ImageError) as excinfo:
         images.validate(data[: int(len(data) * 0.9)])
-    assert excinfo.value.category == images.UNDECODABLE
+    assert excinfo.value.category == errors.UNDECODABLE
     assert drafts[-1][1] == (12, 8)
 
 
@@ -204,7 +205,7 @@ def test_truncated_files_of_other_formats_are_undecodable(decoder, fmt, params):
     with pytest.raises(images.ImageError) as excinfo:
         DECODERS[decoder](data[: len(data) // 2])
 
-    assert excinfo.value.category == images.UNDECODABLE
+    assert excinfo.value.category == errors.UNDECODABLE
 
 
 def test_corrupt_png_header_is_undecodable_not_a_pillow_error():
@@ -214,7 +215,7 @@ def test_corrupt_png_header_is_undecodable_not_a_pillow_error():
     with pytest.raises(images.ImageError) as excinfo:
         images.decode_rgb(bytes(data))
 
-    assert excinfo.value.category == images.UNDECODABLE
+    assert excinfo.value.category == errors.UNDECODABLE
 
 
 @pytest.mark.parametrize("decoder", DECODERS)
@@ -222,7 +223,7 @@ def test_zero_byte_file_is_empty_file(decoder):
     with pytest.raises(images.ImageError) as excinfo:
         DECODERS[decoder](b"")
 
-    assert excinfo.value.category == images.EMPTY_FILE
+    assert excinfo.value.category == errors.EMPTY_FILE
 
 
 @pytest.mark.parametrize("decoder", DECODERS)
@@ -230,7 +231,7 @@ def test_text_file_is_undecodable(decoder):
     with pytest.raises(images.ImageError) as excinfo:
         DECODERS[decoder](b"hello, not an image")
 
-    assert excinfo.value.category == images.UNDECODABLE
+    assert excinfo.value.category == errors.UNDECODABLE
     assert "not a recognised image" in str(excinfo.value)
 
 
@@ -243,7 +244,7 @@ def test_formats_outside_the_supported_list_are_undecodable(decoder, fmt):
     with pytest.raises(images.ImageError) as excinfo:
         DECODERS[decoder](data)
 
-    assert excinfo.value.category == images.UNDECODABLE
+    assert excinfo.value.category == errors.UNDECODABLE
 
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
@@ -261,7 +262,7 @@ def test_bomb_png_is_rejected_from_its_header_without_decoding(
         DECODERS[decoder](bomb_png)
 
     assert time.perf_counter() - start < 0.5
-    assert excinfo.value.category == images.TOO_LARGE
+    assert excinfo.value.category == errors.TOO_LARGE
     assert "10000x10000" in str(excinfo.value)
 
 
@@ -280,7 +281,7 @@ def test_giant_headers_are_too_large(decoder, data, pillow_limit, monkeypatch, f
     with pytest.raises(images.ImageError) as excinfo:
         DECODERS[decoder](data)
 
-    assert excinfo.value.category == images.TOO_LARGE
+    assert excinfo.value.category == errors.TOO_LARGE
 
 
 @pytest.mark.parametrize("decoder", DECODERS)
@@ -289,18 +290,18 @@ def test_max_pixels_limit_rejects_larger_images_and_accepts_equal(decoder):
 
     with pytest.raises(images.ImageError) as excinfo:
         DECODERS[decoder](data, max_pixels=4_999)
-    assert excinfo.value.category == images.TOO_LARGE
+    assert excinfo.value.category == errors.TOO_LARGE
 
     DECODERS[decoder](data, max_pixels=5_000)
 
 
 def test_image_error_is_a_value_error_that_pickles():
-    error = images.ImageError(images.TOO_LARGE, "too many pixels")
+    error = images.ImageError(errors.TOO_LARGE, "too many pixels")
 
     clone = pickle.loads(pickle.dumps(error))
 
     assert isinstance(clone, ValueError)
-    assert (clone.category, str(clone)) == (images.TOO_LARGE, "too many pixels")
+    assert (clone.category, str(clone)) == (errors.TOO_LARGE, "too many pixels")
 
 
 @pytest.mark.parametrize(
@@ -566,7 +567,7 @@ def test_backbone_pixels_match_the_serving_resize(size):
     """The job's Pillow resize stays within ~1/255 of what the serving graph computes."""
     import tensorflow as tf
 
-    from schemas.backbones import image_to_backbone_input, pixels_to_backbone_input
+    from backbones.inputs import image_to_backbone_input, pixels_to_backbone_input
 
     rng = np.random.default_rng(sum(size))
     w, h = size

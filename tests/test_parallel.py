@@ -118,3 +118,40 @@ def test_rejects_bad_pool_sizes():
         _Boom(threads=0)
     with pytest.raises(ValueError, match="max_in_flight"):
         _Boom(max_in_flight=0)
+
+
+def test_ordered_map_keeps_order_and_bounds_pending_work():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.parallel import ordered_map
+
+    running, peak, lock = [0], [0], threading.Lock()
+
+    def slow_square(x):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.002 * (x % 4))  # finish out of order
+        with lock:
+            running[0] -= 1
+        return x * x
+
+    with ThreadPoolExecutor(8) as pool:
+        assert list(ordered_map(slow_square, range(100), pool, limit=3)) == [
+            x * x for x in range(100)
+        ]
+    assert peak[0] <= 4  # at most `limit` waiting plus the one just submitted
+
+
+def test_ordered_map_reraises_a_failure_of_the_work():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.parallel import ordered_map
+
+    def fail_on_seven(x):
+        if x == 7:
+            raise ValueError("seven")
+        return x
+
+    with ThreadPoolExecutor(2) as pool, pytest.raises(ValueError, match="seven"):
+        list(ordered_map(fail_on_seven, range(20), pool, limit=4))

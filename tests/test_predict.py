@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from pipeline import predict, preprocess
+from pipeline import predict, prediction_report, preprocess, scoring
 from tests.conftest import CLASS_COLOURS, photo, write_dataset
 from training import task
 from training.config import parse_config
@@ -143,7 +143,7 @@ def test_input_pattern_without_labels(trained, tmp_path):
 
 def test_one_undecodable_image_does_not_fail_its_batch(trained):
     root, files, model_dir = trained
-    handler = predict.ServingSignatureModelHandler(f"{model_dir}/export/1")
+    handler = scoring.ServingSignatureModelHandler(f"{model_dir}/export/1")
     model = handler.load_model()
     good = (root / files["rose"][0]).read_bytes()
     results = handler.run_inference([good, b"not an image", good], model)
@@ -152,7 +152,7 @@ def test_one_undecodable_image_does_not_fail_its_batch(trained):
 
 
 def test_summarize_by_hand():
-    summary = predict.summarize(
+    summary = prediction_report.summarize(
         5,
         {"unreadable": 1},
         [(("a", "a"), 2), (("a", "b"), 1), (("b", "b"), 1), (("z", "a"), 1)],

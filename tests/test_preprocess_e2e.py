@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline import backbone as backbone_lib
+from backbones import hub
+from backbones.inputs import decode_to_backbone_input
 from pipeline import preprocess
-from schemas import backbones, csv_format, features
+from schemas import csv_format, features
 from schemas import manifest as manifest_lib
+from schemas.errors import ERROR_FIELDS
 from tests.conftest import CLASS_COLOURS, photo, write_dataset
 
 pytestmark = pytest.mark.slow
@@ -145,7 +147,7 @@ def test_records_match_sources_and_backbone(first_run, dataset):
         s: manifest.split_count(s) for s in csv_format.SPLITS
     }
     all_records = [r for split in records.values() for r in split]
-    model = backbone_lib.load(manifest.backbone)
+    model = hub.load(manifest.backbone)
     sources = set()
     for r in all_records:
         source = r[features.IMAGE_SOURCE].decode()
@@ -159,7 +161,7 @@ def test_records_match_sources_and_backbone(first_run, dataset):
         decoded = tf.io.decode_jpeg(r[features.IMAGE_ENCODED]).numpy()
         assert decoded.shape[:2] == (r[features.IMAGE_HEIGHT], r[features.IMAGE_WIDTH])
         expected = model(
-            backbones.decode_to_backbone_input(tf.constant([r[features.IMAGE_ENCODED]]), 32)
+            decode_to_backbone_input(tf.constant([r[features.IMAGE_ENCODED]]), 32)
         ).numpy()[0]
         stored = r[features.EMBEDDING]
         cosine = stored @ expected / (np.linalg.norm(stored) * np.linalg.norm(expected))
@@ -181,7 +183,7 @@ def test_error_records_name_source_line_and_reason(first_run, dataset):
     assert len(errors) == manifest.rows.rejected
     by_uri = {os.path.basename(e["uri"]): e for e in errors if e["uri"]}
     for e in errors:
-        assert set(csv_format.ERROR_FIELDS) <= set(e)
+        assert set(ERROR_FIELDS) <= set(e)
         assert e["csv"] == str(csv_path)
         assert e["reason"]
     # header is line 1, 36 good rows, blank line 38 -> truncated.jpg is line 39

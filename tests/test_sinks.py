@@ -53,3 +53,13 @@ def test_job_setting_compresses_about_as_well_as_level_6():
 
     assert size(sinks.GZIP_LEVEL, sinks.GZIP_STRATEGY) <= 1.05 * size(6, zlib.Z_DEFAULT_STRATEGY)
     assert size(sinks.GZIP_LEVEL, sinks.GZIP_STRATEGY) < 0.97 * len(data)
+
+
+def test_write_tfrecords_outside_beam_reads_back_as_gzip(tmp_path):
+    records = [f"record {i}".encode() * (i + 1) for i in range(50)]
+    path = str(tmp_path / "one.tfrecord.gz")
+    assert sinks.write_tfrecords(path, iter(records)) == 50
+    with open(path, "rb") as f:
+        assert f.read(2) == b"\x1f\x8b"  # a GZIP stream
+    back = [r.numpy() for r in tf.data.TFRecordDataset(path, compression_type="GZIP")]
+    assert back == records

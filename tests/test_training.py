@@ -16,9 +16,10 @@ from PIL import Image
 from pipeline import preprocess
 from schemas import csv_format, features
 from schemas import manifest as manifest_lib
+from schemas.cli import UsageError
 from tests.conftest import CLASS_COLOURS, write_dataset
 from training import task
-from training.config import UsageError, parse_config
+from training.config import parse_config
 
 pytestmark = pytest.mark.slow
 

@@ -8,8 +8,9 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from pipeline import transforms
-from pipeline.records import ErrorRecord, Row
+from pipeline.records import ERRORS, SOURCE_CSV, Row
 from schemas import csv_format
+from schemas.errors import ErrorRecord
 
 
 def _row(line, label, uri="/img/a.jpg", split=None, source="/d/labels.csv"):
@@ -35,7 +36,7 @@ def test_duplicates_keep_first_row_and_count_the_rest():
             p
             | beam.Create([(sha, rows)])
             | beam.ParDo(transforms.ResolveDuplicatesFn(0.1, 0.1)).with_outputs(
-                transforms.ERRORS, transforms.DUPLICATES, main="accepted"
+                ERRORS, transforms.DUPLICATES, main="accepted"
             )
         )
         assert_that(
@@ -44,7 +45,7 @@ def test_duplicates_keep_first_row_and_count_the_rest():
             label="accepted",
         )
         assert_that(out[transforms.DUPLICATES], equal_to([rows[0]]), label="dupes")
-        assert_that(out[transforms.ERRORS], equal_to([]), label="errors")
+        assert_that(out[ERRORS], equal_to([]), label="errors")
 
 
 def test_split_column_overrides_hash():
@@ -55,7 +56,7 @@ def test_split_column_overrides_hash():
             p
             | beam.Create([(sha, rows)])
             | beam.ParDo(transforms.ResolveDuplicatesFn(0.1, 0.1)).with_outputs(
-                transforms.ERRORS, transforms.DUPLICATES, main="accepted"
+                ERRORS, transforms.DUPLICATES, main="accepted"
             )
         )
         assert_that(out.accepted | beam.Map(lambda a: a.split), equal_to([csv_format.TRAIN]))
@@ -69,7 +70,7 @@ def test_conflicting_labels_reject_every_row_and_name_the_others():
             p
             | beam.Create([(sha, rows)])
             | beam.ParDo(transforms.ResolveDuplicatesFn(0.1, 0.1)).with_outputs(
-                transforms.ERRORS, transforms.DUPLICATES, main="accepted"
+                ERRORS, transforms.DUPLICATES, main="accepted"
             )
         )
         assert_that(out.accepted, equal_to([]), label="none accepted")
@@ -82,7 +83,7 @@ def test_conflicting_labels_reject_every_row_and_name_the_others():
                 other = "tulip" if e.row.endswith("rose") else "rose"
                 assert f"'{other}'" in e.reason
 
-        assert_that(out[transforms.ERRORS], check, label="errors")
+        assert_that(out[ERRORS], check, label="errors")
 
 
 def test_parse_rows_rejects_labels_outside_label_dict(tmp_path):
@@ -91,14 +92,14 @@ def test_parse_rows_rejects_labels_outside_label_dict(tmp_path):
     with TestPipeline(runner="BundleBasedDirectRunner") as p:
         out = (
             p
-            | beam.Create([(transforms.SOURCE_CSV, str(csv_path))])
+            | beam.Create([(SOURCE_CSV, str(csv_path))])
             | beam.ParDo(transforms.ParseRowsFn(["rose", "tulip"])).with_outputs(
-                transforms.ERRORS, main="rows"
+                ERRORS, main="rows"
             )
         )
         assert_that(out.rows | beam.Map(lambda r: (r.line, r.label)), equal_to([(1, "rose")]))
         assert_that(
-            out[transforms.ERRORS] | beam.Map(lambda e: (e.line, e.category)),
+            out[ERRORS] | beam.Map(lambda e: (e.line, e.category)),
             equal_to([(2, "unknown_label"), (3, "bad_row")]),
             label="errors",
         )
@@ -120,13 +121,11 @@ def test_hash_and_validate_dead_letters_unreadable_and_broken_images(tmp_path):
         out = (
             p
             | beam.Create(rows)
-            | beam.ParDo(transforms.HashAndValidateFn(10_000)).with_outputs(
-                transforms.ERRORS, main="ok"
-            )
+            | beam.ParDo(transforms.HashAndValidateFn(10_000)).with_outputs(ERRORS, main="ok")
         )
         assert_that(out.ok | beam.Map(lambda kv: kv[1].line), equal_to([1]))
         assert_that(
-            out[transforms.ERRORS] | beam.Map(lambda e: (e.line, e.stage, e.category)),
+            out[ERRORS] | beam.Map(lambda e: (e.line, e.stage, e.category)),
             equal_to([(2, "decode", "undecodable"), (3, "read", "unreadable")]),
             label="errors",
         )

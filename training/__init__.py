@@ -1,6 +1,4 @@
-"""hubflow's trainer: a classifier head on bottleneck features or raw images (issue 3)."""
+"""hubflow's trainer: a classifier head on bottleneck features or raw images, or a small net
+from scratch; evaluation; a hermetic serving export."""
 
-import os
-
-# hub.KerasLayer is a tf_keras layer; pin tf.keras to Keras 2 before anything resolves it.
-os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+import schemas  # noqa: F401 - pins Keras 2 before TensorFlow resolves tf.keras

@@ -31,6 +31,8 @@ from collections.abc import Callable
 
 import tensorflow as tf
 
+from training.config import TrainConfig
+
 # Sub-seed slots, one per transform (see `_augment`).
 _CROP, _FLIP, _ROTATION, _ZOOM, _BRIGHTNESS, _CONTRAST = range(6)
 _NUM_SEEDS = 6
@@ -239,3 +241,26 @@ def _rotate_and_zoom(images: tf.Tensor, angles: tf.Tensor, zooms: tf.Tensor) -> 
         interpolation="BILINEAR",
         fill_mode="REFLECT",
     )
+
+
+def augment_config(config: TrainConfig) -> AugmentConfig:
+    """The trainer's ``--crop/--flip/--brightness/...`` switches as an :class:`AugmentConfig`.
+
+    A switch that is off sets its strength to 0; one that is on keeps the default strength.
+    """
+    defaults = AugmentConfig()
+    return AugmentConfig(
+        crop=config.crop,
+        flip=config.flip,
+        brightness=defaults.brightness if config.brightness else 0.0,
+        contrast=defaults.contrast if config.contrast else 0.0,
+        rotation=defaults.rotation if config.rotation else 0.0,
+        zoom=defaults.zoom if config.zoom else 0.0,
+    )
+
+
+def trainer_augmenter(config: TrainConfig) -> Callable[[tf.Tensor], tf.Tensor] | None:
+    """The training-batch augmenter for ``--augment`` (seeded by ``--seed``), or None without it."""
+    if not config.augment:
+        return None
+    return make_augmenter(augment_config(config), seed=config.seed)

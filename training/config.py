@@ -12,6 +12,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
+from schemas.cli import Parser, UsageError
 from training.schedules import SCHEDULES
 
 PROG = "hubflow-train"
@@ -30,15 +31,6 @@ _MODE_DEFAULTS = {
     FEATURES_IMAGE: (15, 32, 3),
     "scratch": (30, 64, 5),
 }
-
-
-class UsageError(ValueError):
-    """A user mistake, reported as one line naming the problem before training starts."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise UsageError(message)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +98,7 @@ def _units(value: str) -> tuple[int, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Train, evaluate and export a hubflow image classifier.")
+    p = Parser(prog=PROG, description="Train, evaluate and export a hubflow image classifier.")
     p.add_argument("--data_dir", help="a hubflow-preprocess output dir (required)")
     p.add_argument(
         "--model_dir", help="where checkpoints, metrics, plots and exports go (required)"

