@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/predict.py [--n 1000] [--batch_size 32] [--work_dir DIR]
+    python -m benchmarks.predict [--n 1000] [--batch_size 32] [--work_dir DIR]
                                  [--startup_n 10] [--rounds 2] [--job_flag=FLAG ...]
 
 Question answered: how close does the Beam job (RunInference over the export's
@@ -12,9 +12,9 @@ a plain Python loop? Target: job / direct >= 0.8. Method (one run prints every f
 1. **Model.** A realistic export is built once and cached in ``--work_dir`` (``--rebuild``
    remakes it): ``--train_images`` (default 200) synthetic photo-sized JPEGs in three classes
    are preprocessed by the real job (``python -m pipeline.preprocess --image_dir ...``) with a
-   MobileNetV2 224 backbone (``build_mobilenet_backbone`` of ``benchmarks/preprocess.py``: the
-   architecture and compute of the ``mobilenet_v2_100_224`` preset), then the default embedding
-   head is trained briefly by the real trainer (``python -m training.task --epochs 3``, i.e.
+   MobileNetV2 224 backbone (``benchmarks.common.build_mobilenet_backbone``: the architecture and
+   compute of the ``mobilenet_v2_100_224`` preset), then the default embedding head is trained
+   briefly by the real trainer (``python -m training.task --epochs 3``, i.e.
    ``task.train(parse_config([...]))``), which exports ``model/export/1``: decode + resize +
    backbone + head stitched into one graph, so serving costs one backbone pass per image. The
    weights are random because there is no network (no ImageNet weights to download) and the
@@ -22,9 +22,9 @@ a plain Python loop? Target: job / direct >= 0.8. Method (one run prints every f
    is exactly that of a real MobileNetV2 export, which is all a throughput figure needs. Both
    steps run in subprocesses so this process's TensorFlow state stays clean for step 3.
 2. **Images to score.** ``--n`` more synthetic photos (about 500x375, 30-60 KB, the generator
-   of ``benchmarks/preprocess.py``; different indices from the training ones) are generated in
-   parallel and cached. Each timed size gets its own folder of hard links (``inputs_<n>/``) so
-   the job's ``--input_pattern 'DIR/*.jpg'`` matches exactly n files.
+   ``benchmarks.common.synthetic_photo``; different indices from the training ones) are
+   generated in parallel and cached. Each timed size gets its own folder of hard links
+   (``inputs_<n>/``) so the job's ``--input_pattern 'DIR/*.jpg'`` matches exactly n files.
 3. **Direct baseline.** In this process, ``tf.saved_model.load(export)`` and its
    ``signatures["serving_default"]`` are called in a loop over the N files, sorted: read the
    bytes of ``--batch_size`` files, call the signature, fetch every output with ``.numpy()``
@@ -58,50 +58,23 @@ from __future__ import annotations
 
 import argparse
 import glob
-import importlib.util
 import json
-import multiprocessing
 import os
-import platform
 import shlex
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
 
-import numpy as np
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
-# As the job's package does: Keras 2 for tf_keras / Hub models, before TensorFlow is imported
-# (TensorFlow is only imported inside functions here).
-os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from benchmarks import common
+from benchmarks.common import CLASSES, BenchmarkError
+from schemas import serving
+from schemas.cli import positive_int
 
 RESULTS_FILE = "predict_benchmark.json"
-BACKBONE_DIR = "backbone_mobilenet_v2_100_224_random"
 TRAIN_CLASSES = 3  # the first three of the generator's classes
 SCORE_INDEX_OFFSET = 100_000  # generator indices of the images to score (not training ones)
 TARGET_RATIO = 0.8
-
-
-class BenchmarkError(RuntimeError):
-    """A step failed, the job dropped images, or the set-up is unusable."""
-
-
-def _load_preprocess_benchmark():
-    """``benchmarks/preprocess.py`` as a module (image generator, backbone builder)."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "preprocess.py")
-    spec = importlib.util.spec_from_file_location("hubflow_preprocess_benchmark", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-PRE = _load_preprocess_benchmark()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -109,29 +82,11 @@ PRE = _load_preprocess_benchmark()
 # ----------------------------------------------------------------------------------------------
 
 
-def _write_photo(task: tuple[str, int]) -> int:
-    """Pool worker: writes generator image ``index`` to ``path`` unless it exists; its size."""
-    path, index = task
-    if os.path.exists(path):
-        return os.path.getsize(path)
-    data, _ = PRE.synthetic_photo(index)
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-    return len(data)
-
-
 def train_image_tasks(work_dir: str, count: int) -> list[tuple[str, int]]:
     """(path, generator index) of the training images: ``train_images/<label>/img_<i>.jpg``."""
-    indices = [i for i in range(4 * count) if i % len(PRE.CLASSES) < TRAIN_CLASSES][:count]
+    indices = [i for i in range(4 * count) if i % len(CLASSES) < TRAIN_CLASSES][:count]
     return [
-        (
-            os.path.join(
-                work_dir, "train_images", PRE.CLASSES[i % len(PRE.CLASSES)], f"img_{i:06d}.jpg"
-            ),
-            i,
-        )
+        (os.path.join(work_dir, "train_images", CLASSES[i % len(CLASSES)], f"img_{i:06d}.jpg"), i)
         for i in indices
     ]
 
@@ -145,19 +100,13 @@ def generate_images(work_dir: str, train_count: int, score_count: int, processes
     """Makes sure the training and scoring images exist; returns size stats of the latter."""
     tasks = train_image_tasks(work_dir, train_count)
     tasks += [(score_image_path(work_dir, i), SCORE_INDEX_OFFSET + i) for i in range(score_count)]
-    for folder in {os.path.dirname(path) for path, _ in tasks}:
-        os.makedirs(folder, exist_ok=True)
     start = time.perf_counter()
-    with multiprocessing.get_context("spawn").Pool(processes) as pool:
-        sizes = np.array(pool.map(_write_photo, tasks, chunksize=16), np.float64)
-    score_sizes = sizes[train_count:]
+    sizes = common.write_photos(tasks, processes, chunksize=16)
     return {
         "train_count": train_count,
         "count": score_count,
         "seconds": round(time.perf_counter() - start, 1),
-        "mean_kib": round(float(score_sizes.mean()) / 1024, 1),
-        "min_kib": round(float(score_sizes.min()) / 1024, 1),
-        "max_kib": round(float(score_sizes.max()) / 1024, 1),
+        **common.size_stats(sizes[train_count:]),
     }
 
 
@@ -178,48 +127,11 @@ def link_inputs(work_dir: str, n: int) -> tuple[str, list[str]]:
     return folder, sorted(paths)
 
 
-def _subprocess_env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO_ROOT, env.get("PYTHONPATH")]))
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-def run_logged(command: Sequence[str], log_path: str) -> dict:
-    """Runs ``command`` to completion with output to ``log_path``; wall and CPU time.
-
-    CPU time is user + system of the process and its waited-for children (``wait4``).
-
-    Raises:
-      BenchmarkError: non-zero exit (the log's tail is in the message).
-    """
-    os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    load = os.getloadavg()[0]
-    with open(log_path, "wb") as log:
-        start = time.perf_counter()
-        proc = subprocess.Popen(
-            list(command), cwd=REPO_ROOT, env=_subprocess_env(), stdout=log, stderr=log
-        )
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - start
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        with open(log_path, encoding="utf-8", errors="replace") as f:
-            tail = "".join(f.readlines()[-25:])
-        raise BenchmarkError(f"{shlex.join(command)} exited {code}; log {log_path}:\n{tail}")
-    return {
-        "wall_s": wall,
-        "cpu_s": usage.ru_utime + usage.ru_stime,
-        "loadavg_1m_before": load,
-        "log": log_path,
-    }
-
-
 def latest_export(model_dir: str) -> str | None:
     """The highest ``model_dir/export/<n>`` holding a SavedModel, or None."""
     versions = [
         (int(os.path.basename(os.path.dirname(p))), os.path.dirname(p))
-        for p in glob.glob(os.path.join(model_dir, "export", "*", "saved_model.pb"))
+        for p in glob.glob(os.path.join(model_dir, serving.EXPORT_DIR, "*", "saved_model.pb"))
         if os.path.basename(os.path.dirname(p)).isdigit()
     ]
     return max(versions)[1] if versions else None
@@ -236,26 +148,21 @@ def build_model(work_dir: str, epochs: int, rebuild: bool) -> dict:
     if export:
         print(f"      cached export {export}", flush=True)
         return {"export_dir": export, "cached": True}
-    backbone = PRE.build_mobilenet_backbone(os.path.join(work_dir, BACKBONE_DIR))
+    backbone = common.build_mobilenet_backbone(os.path.join(work_dir, common.MOBILENET_DIR))
     logs = os.path.join(work_dir, "logs")
-    preprocess = [
-        sys.executable, "-m", "pipeline.preprocess",
+    preprocess = common.preprocess_command(
         f"--image_dir={os.path.join(work_dir, 'train_images')}",
         f"--output_dir={data_dir}",
         f"--backbone={backbone}",
         "--overwrite",
-    ]  # fmt: skip
-    print(f"      {shlex.join(preprocess)}", flush=True)
-    pre = run_logged(preprocess, os.path.join(logs, "build_preprocess.log"))
-    train = [
-        sys.executable, "-m", "training.task",
-        f"--data_dir={data_dir}",
-        f"--model_dir={model_dir}",
-        f"--epochs={epochs}",
-        "--overwrite",
-    ]  # fmt: skip
-    print(f"      {shlex.join(train)}", flush=True)
-    trained = run_logged(train, os.path.join(logs, "build_train.log"))
+    )
+    train = common.trainer_command(
+        f"--data_dir={data_dir}", f"--model_dir={model_dir}", f"--epochs={epochs}", "--overwrite"
+    )
+    steps = {}
+    for name, command in (("preprocess", preprocess), ("train", train)):
+        print(f"      {shlex.join(command)}", flush=True)
+        steps[name] = common.run_logged(command, os.path.join(logs, f"build_{name}.log"))
     export = latest_export(model_dir)
     if not export:
         raise BenchmarkError(f"the trainer wrote no export under {model_dir}")
@@ -263,8 +170,8 @@ def build_model(work_dir: str, epochs: int, rebuild: bool) -> dict:
         "export_dir": export,
         "cached": False,
         "backbone": backbone,
-        "preprocess_s": round(pre["wall_s"], 1),
-        "train_s": round(trained["wall_s"], 1),
+        "preprocess_s": round(steps["preprocess"]["wall_s"], 1),
+        "train_s": round(steps["train"]["wall_s"], 1),
     }
 
 
@@ -282,7 +189,7 @@ class DirectScorer:
         self._tf = tf
         start = time.perf_counter()
         self.module = tf.saved_model.load(export_dir)
-        self.serve = self.module.signatures["serving_default"]
+        self.serve = self.module.signatures[serving.SIGNATURE_NAME]
         self.load_s = time.perf_counter() - start
 
     def score(self, paths: Sequence[str]) -> list[tuple[str, float]]:
@@ -291,11 +198,11 @@ class DirectScorer:
         for path in paths:
             with open(path, "rb") as f:
                 data.append(f.read())
-        out = self.serve(image_bytes=self._tf.constant(data, dtype=self._tf.string))
+        out = self.serve(**{serving.INPUT_KEY: self._tf.constant(data, dtype=self._tf.string)})
         out = {key: value.numpy() for key, value in out.items()}
         return [
             (c.decode("utf-8"), float(s))
-            for c, s in zip(out["classes"], out["scores"], strict=True)
+            for c, s in zip(out[serving.CLASSES], out[serving.SCORES], strict=True)
         ]
 
     def run(self, paths: Sequence[str], batch: int) -> dict:
@@ -346,12 +253,7 @@ def check_job_output(output_dir: str, expected: int) -> tuple[dict, dict[str, tu
     Raises:
       BenchmarkError: no summary, errors, or a prediction count other than ``expected``.
     """
-    path = os.path.join(output_dir, "summary.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            summary = json.load(f)
-    except (OSError, ValueError) as e:
-        raise BenchmarkError(f"no readable summary at {path}: {e}") from e
+    summary = common.read_json(os.path.join(output_dir, "summary.json"), "summary")
     if summary.get("predictions") != expected or summary.get("errors"):
         raise BenchmarkError(
             f"job dropped images: expected {expected} predictions, summary says "
@@ -381,7 +283,7 @@ def run_job(
     output_dir = os.path.join(work_dir, f"predictions_{n}")
     command = job_command(export_dir, input_dir, output_dir, batch, job_flags)
     print(f"      {shlex.join(command)}", flush=True)
-    result = run_logged(command, os.path.join(work_dir, "logs", f"job_{tag}.log"))
+    result = common.run_logged(command, os.path.join(work_dir, "logs", f"job_{tag}.log"))
     summary, predictions = check_job_output(output_dir, n)
     result.update(
         n=n,
@@ -418,38 +320,23 @@ def compare_predictions(
 # ----------------------------------------------------------------------------------------------
 
 
-def _steady(job: dict, startup: dict) -> tuple[float | None, float | None]:
-    """(images/s, CPU ms per image) of ``job`` with ``startup``'s fixed cost taken out."""
-    net_wall = job["wall_s"] - startup["wall_s"]
-    net_cpu = job["cpu_s"] - startup["cpu_s"]
-    extra = job["n"] - startup["n"]
-    return (
-        extra / net_wall if net_wall > 0 else None,
-        net_cpu * 1000 / extra if net_cpu > 0 else None,
-    )
-
-
-def _ratio(numerator: float | None, denominator: float | None) -> float | None:
-    return numerator / denominator if numerator and denominator else None
-
-
 def summarise(results: dict) -> None:
     """Adds per-round and best-of-rounds steady rates and job / direct ratios to ``results``."""
     rounds = results["rounds"]
     for r in rounds:
-        rate, cpu = _steady(r["job"], r["startup"])
+        rate, cpu = common.steady(r["job"], r["startup"])
         r["ratios"] = {
             "job_steady_images_per_s": rate,
             "job_steady_cpu_ms_per_image": cpu,
             "raw": r["job"]["images_per_s"] / r["direct"]["images_per_s"],
-            "steady": _ratio(rate, r["direct"]["images_per_s"]),
+            "steady": common.ratio(rate, r["direct"]["images_per_s"]),
         }
     best = {
         "direct": max((r["direct"] for r in rounds), key=lambda x: x["images_per_s"]),
         "startup": min((r["startup"] for r in rounds), key=lambda x: x["wall_s"]),
         "job": min((r["job"] for r in rounds), key=lambda x: x["wall_s"]),
     }
-    rate, cpu = _steady(best["job"], best["startup"])
+    rate, cpu = common.steady(best["job"], best["startup"])
     direct = best["direct"]
     best["ratios"] = {
         "direct_images_per_s": direct["images_per_s"],
@@ -459,16 +346,12 @@ def summarise(results: dict) -> None:
         "job_steady_cpu_ms_per_image": cpu,
         "startup_s": best["startup"]["wall_s"],
         "raw": best["job"]["images_per_s"] / direct["images_per_s"],
-        "steady": _ratio(rate, direct["images_per_s"]),
+        "steady": common.ratio(rate, direct["images_per_s"]),
         "cpu_raw": direct["cpu_ms_per_image"] / best["job"]["cpu_ms_per_image"],
-        "cpu_steady": _ratio(direct["cpu_ms_per_image"], cpu),
+        "cpu_steady": common.ratio(direct["cpu_ms_per_image"], cpu),
         "target": TARGET_RATIO,
     }
     results["best"] = best
-
-
-def _cell(value: float | None, width: int, decimals: int) -> str:
-    return f"{value:{width}.{decimals}f}" if value is not None else f"{'-':>{width}}"
 
 
 def _verdict(ratio: float | None) -> str:
@@ -495,7 +378,7 @@ def _table_rows(label: str, direct: dict, startup: dict, job: dict, ratios: dict
 
 def format_report(results: dict) -> str:
     """The final table, as text."""
-    m, images, best = results["machine"], results["images"], results["best"]
+    images, best = results["images"], results["best"]
     r = best["ratios"]
     rows = []
     for i, rnd in enumerate(results["rounds"], 1):
@@ -504,12 +387,11 @@ def format_report(results: dict) -> str:
     agreement = results["agreement"]
     job = best["job"]
     lines = [
-        "=" * 100,
-        "hubflow batch-prediction benchmark: hubflow-predict (Beam RunInference) vs the "
-        "SavedModel in a loop",
-        f"command : {results['command']}",
-        f"machine : {m['cpus']} CPUs (affinity {m['cpus_usable']}), {m['platform']}, "
-        f"load avg at start {m['loadavg_at_start']}",
+        *common.report_header(
+            "hubflow batch-prediction benchmark: hubflow-predict (Beam RunInference) vs the "
+            "SavedModel in a loop",
+            results,
+        ),
         f"model   : {results['model']['export_dir']} (random-weight MobileNetV2 224 + "
         f"trained embedding head; loads in {results['direct_load_s']:.1f} s, not timed)",
         f"images  : {images['count']} synthetic photo JPEGs, {images['mean_kib']:.0f} KiB mean "
@@ -523,8 +405,8 @@ def format_report(results: dict) -> str:
         if k and k % 4 == 0:
             lines.append("")
         lines.append(
-            f"  {name:32} {n:>5} {_cell(wall, 7, 1)} {_cell(rate, 7, 1)} {_cell(cpu, 10, 1)} "
-            f"{_cell(load, 5, 2)} {_cell(ratio, 9, 2)}"
+            f"  {name:32} {n:>5} {common.cell(wall, 7, 1)} {common.cell(rate, 7, 1)} "
+            f"{common.cell(cpu, 10, 1)} {common.cell(load, 5, 2)} {common.cell(ratio, 9, 2)}"
         )
     lines += [
         "  each round: direct pass, job start-up run, job on all N; BEST = fastest of the rounds "
@@ -535,17 +417,17 @@ def format_report(results: dict) -> str:
         "process tree)",
         "",
         f"job / direct, raw    : {r['raw']:.2f} ({_verdict(r['raw'])}, target >= {TARGET_RATIO})",
-        f"job / direct, steady : {_cell(r['steady'], 0, 2)} ({_verdict(r['steady'])}); "
+        f"job / direct, steady : {common.cell(r['steady'], 0, 2)} ({_verdict(r['steady'])}); "
         f"job start-up cost {r['startup_s']:.1f} s",
         f"CPU efficiency       : direct CPU ms/img / job's = {r['cpu_raw']:.2f} raw, "
-        f"{_cell(r['cpu_steady'], 0, 2)} steady (less sensitive to other load)",
+        f"{common.cell(r['cpu_steady'], 0, 2)} steady (less sensitive to other load)",
         f"predictions          : job summary predictions={job['summary']['predictions']} "
         f"errors={job['summary']['errors']} (N={job['n']}); same label as direct for "
         f"{agreement['same_label']}/{agreement['images_compared']}, max score diff "
-        f"{_cell(agreement['max_score_abs_diff'], 0, 6)}",
+        f"{common.cell(agreement['max_score_abs_diff'], 0, 6)}",
         "timings are wall clock on a shared machine: compare the load column between steps",
         f"json                 : {results['json']}",
-        "=" * 100,
+        common.REPORT_RULE,
     ]
     return "\n".join(lines)
 
@@ -555,25 +437,15 @@ def format_report(results: dict) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-def _positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
-    if number <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return number
-
-
 def build_parser() -> argparse.ArgumentParser:
     """Command-line flags of the benchmark."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--n", type=_positive_int, default=1000, help="images to score (default 1000)"
+        "--n", type=positive_int("--n"), default=1000, help="images to score (default 1000)"
     )
     parser.add_argument(
         "--batch_size",
-        type=_positive_int,
+        type=positive_int("--batch_size"),
         default=32,
         help="batch size of both the direct loop and the job's --batch_size (default 32)",
     )
@@ -584,35 +456,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--startup_n",
-        type=_positive_int,
+        type=positive_int("--startup_n"),
         default=10,
         help="images of the tiny run that estimates the job's start-up cost (default 10)",
     )
     parser.add_argument(
         "--rounds",
-        type=_positive_int,
+        type=positive_int("--rounds"),
         default=2,
         help="rounds of (direct loop, tiny job, job on N); the fastest of each is kept (default 2)",
     )
     parser.add_argument(
         "--train_images",
-        type=_positive_int,
+        type=positive_int("--train_images"),
         default=200,
         help="synthetic images the model is built from (default 200)",
     )
     parser.add_argument(
-        "--epochs", type=_positive_int, default=3, help="trainer epochs (default 3)"
+        "--epochs", type=positive_int("--epochs"), default=3, help="trainer epochs (default 3)"
     )
     parser.add_argument(
         "--rebuild", action="store_true", help="rebuild the dataset and model even if cached"
     )
-    parser.add_argument(
-        "--job_flag",
-        action="append",
-        default=[],
-        help="extra flag for the job, repeatable "
-        "(e.g. --job_flag=--direct_running_mode=multi_processing)",
-    )
+    common.add_job_flag(parser)
     return parser
 
 
@@ -624,19 +490,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     work_dir = os.path.abspath(args.work_dir)
     os.makedirs(work_dir, exist_ok=True)
-    cpus = os.cpu_count() or 1
     results: dict = {
-        "command": shlex.join([sys.executable, *sys.argv]),
-        "machine": {
-            "cpus": cpus,
-            "cpus_usable": len(os.sched_getaffinity(0)),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
-        },
+        "command": common.command_line(),
+        "machine": common.machine_info(),
         "batch_size": args.batch_size,
         "json": os.path.join(work_dir, RESULTS_FILE),
     }
+    cpus = results["machine"]["cpus"]
     try:
         print(f"[1/4] images ({args.train_images} to train on, {args.n} to score)", flush=True)
         results["images"] = generate_images(work_dir, args.train_images, args.n, cpus)
@@ -676,19 +536,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             del direct["predictions"]
             results["rounds"].append({"direct": direct, "startup": startup, "job": job})
     except BenchmarkError as e:
-        print(f"benchmark failed: {e}", file=sys.stderr)
-        results["error"] = str(e)
-        _write_json(results)
-        return 1
+        return common.fail(results, e)
     summarise(results)
-    _write_json(results)
+    common.write_json(results["json"], results)
     print(format_report(results))
     return 0
-
-
-def _write_json(results: dict) -> None:
-    with open(results["json"], "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=2, default=str)
 
 
 if __name__ == "__main__":

@@ -2,14 +2,15 @@
 
 Usage::
 
-    python benchmarks/preprocess.py [--sizes 1000,4000] [--work_dir DIR]
+    python -m benchmarks.preprocess [--sizes 1000,4000] [--work_dir DIR]
                                     [--batch_sizes 8,16,32,64] [--backbone PATH]
                                     [--loop_n 1000] [--job_batch_size B]
 
 Method (one run prints every figure):
 
 1. **Backbone.** Unless ``--backbone`` names another SavedModel / Hub handle, a realistic offline
-   backbone is built once and cached in ``--work_dir``: ``tf_keras.applications.MobileNetV2``
+   backbone is built once and cached in ``--work_dir``
+   (:func:`benchmarks.common.build_mobilenet_backbone`): ``tf_keras.applications.MobileNetV2``
    (224x224, no top, average pooling; the architecture and compute of the
    ``mobilenet_v2_100_224`` preset) with random weights, since there is no network, wrapped in a
    tf_keras model that takes RGB in [0, 1] and scales it to [-1, 1] itself, saved with
@@ -18,7 +19,7 @@ Method (one run prints every figure):
    portrait; smooth multi-scale colour textures plus sensor-like noise, so files are 30-60 KB like
    real photos; four classes) are generated in parallel for the largest N and cached. Each N gets
    its own label CSV naming the first N images.
-3. **Raw backbone throughput.** The backbone is loaded with ``pipeline.backbone.load`` (the loader
+3. **Raw backbone throughput.** The backbone is loaded with ``backbones.hub.load`` (the loader
    the job uses) and called inside a ``tf.function`` on pre-made float32 ``[B, S, S, 3]`` tensors
    in [0, 1], i.e. already decoded and resized: the model alone. After a warm-up, batches are
    timed for ``--seconds`` per batch size, split into 3 round-robin rounds of which each batch
@@ -35,8 +36,10 @@ Method (one run prints every figure):
 5. **Beam-free loop.** The job's own per-image functions run on ``--loop_n`` images in this
    process with the job's thread pool, in-flight bound, batch size, model handler, example
    builder and GZIP writer, but no Beam: pass 2 for every image, then pass 3 overlapped with the
-   model (:func:`beam_free_loop`). Its rate over raw best is the most the job's steady ratio can
-   reach on this machine; the job's steady rate over it is what Beam's per-element work keeps.
+   model (:func:`beam_free_loop`: scheduled by ``pipeline.parallel.ordered_map`` as the job's
+   ``ThreadedDoFn`` schedules, written by ``pipeline.sinks.write_tfrecords``). Its rate over raw
+   best is the most the job's steady ratio can reach on this machine; the job's steady rate over
+   it is what Beam's per-element work keeps.
 6. **End to end.** For a tiny N (``--startup_n``, default 20; run ``--startup_repeats`` times,
    fastest kept) and then each N, the real job runs in a subprocess
    (``python -m pipeline.preprocess ... --batch_size <B> --overwrite``, default DirectRunner)
@@ -59,49 +62,20 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
-import json
-import multiprocessing
 import os
-import platform
 import shlex
 import shutil
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
-# As the job's package does: Keras 2 for tf_keras / Hub models, before TensorFlow is imported
-# (TensorFlow is only imported inside functions here).
-os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from benchmarks import common, memory
+from benchmarks.common import CLASSES, BenchmarkError
 
-CLASSES = ("daisy", "dandelion", "rose", "tulip")
-# A colour tint per class so the classes differ a little, as real ones do.
-CLASS_TINTS = {
-    "daisy": (40.0, 40.0, 30.0),
-    "dandelion": (50.0, 40.0, -30.0),
-    "rose": (50.0, -20.0, -10.0),
-    "tulip": (-10.0, -10.0, 40.0),
-}
-BACKBONE_DIR = "backbone_mobilenet_v2_100_224_random"
 RESULTS_FILE = "preprocess_benchmark.json"
-SAMPLE_INTERVAL_S = 0.2
 RAW_ROUNDS = 3
-GNU_TIME = "/usr/bin/time"
-MIB = 1024.0 * 1024.0
-
-
-class BenchmarkError(RuntimeError):
-    """The job failed, dropped rows, or the set-up is unusable."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -109,95 +83,20 @@ class BenchmarkError(RuntimeError):
 # ----------------------------------------------------------------------------------------------
 
 
-def build_mobilenet_backbone(path: str, image_size: int = 224) -> str:
-    """Saves a random-weight MobileNetV2 feature-vector model as a TF-Hub-format SavedModel.
-
-    The model takes float32 RGB ``[N, image_size, image_size, 3]`` in [0, 1], scales it to
-    [-1, 1] inside (what MobileNetV2 expects) and returns ``[N, 1280]`` average-pooled features.
-    Nothing is done when ``path`` already holds a SavedModel.
-
-    Returns:
-      ``path``.
-    """
-    if os.path.exists(os.path.join(path, "saved_model.pb")):
-        return path
-    import tensorflow as tf
-    import tf_keras
-
-    tf_keras.utils.set_random_seed(0)
-    inputs = tf_keras.Input([image_size, image_size, 3], dtype="float32")
-    scaled = tf_keras.layers.Rescaling(2.0, offset=-1.0)(inputs)
-    base = tf_keras.applications.MobileNetV2(
-        input_shape=(image_size, image_size, 3), include_top=False, pooling="avg", weights=None
-    )
-    model = tf_keras.Model(inputs, base(scaled), name="mobilenet_v2_100_224_feature_vector")
-    tmp = f"{path}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tf.saved_model.save(model, tmp)
-    os.replace(tmp, path)
-    return path
-
-
-def synthetic_photo(index: int) -> tuple[bytes, str]:
-    """Generates image ``index`` deterministically: (JPEG bytes, label).
-
-    About 500x375 (width 440-560, aspect 0.68-0.82, one in five portrait), a smooth multi-scale
-    colour texture with a class tint plus Gaussian noise, saved at JPEG quality 85-92: 30-60 KB,
-    like a phone photo downscaled for a dataset.
-    """
-    rng = np.random.default_rng(1_000_003 + index)
-    label = CLASSES[index % len(CLASSES)]
-    width = int(rng.integers(440, 561))
-    height = int(round(width * rng.uniform(0.68, 0.82)))
-    if rng.random() < 0.2:
-        width, height = height, width
-    pixels = np.zeros((height, width, 3), np.float32)
-    for cells, amplitude in ((4, 90.0), (16, 40.0), (64, 20.0)):
-        coarse = rng.normal(0.0, 1.0, (max(2, height * cells // width), cells, 3))
-        coarse = (coarse - coarse.min()) / (np.ptp(coarse) + 1e-6) * 255.0
-        layer = Image.fromarray(coarse.astype(np.uint8)).resize((width, height), Image.BICUBIC)
-        pixels += (np.asarray(layer, np.float32) / 255.0 - 0.5) * amplitude
-    pixels += rng.uniform(60.0, 200.0, 3) + np.asarray(CLASS_TINTS[label], np.float32)
-    pixels += rng.normal(0.0, rng.uniform(5.0, 9.0), pixels.shape)
-    buffer = io.BytesIO()
-    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
-    image.save(buffer, "JPEG", quality=int(rng.integers(85, 93)))
-    return buffer.getvalue(), label
-
-
 def image_relpath(index: int) -> str:
     """The path of image ``index`` relative to the work dir (and to the label CSVs)."""
     return f"images/{CLASSES[index % len(CLASSES)]}/img_{index:06d}.jpg"
 
 
-def _write_image(task: tuple[str, int]) -> int:
-    """Pool worker: writes one image unless it already exists; returns its size in bytes."""
-    work_dir, index = task
-    path = os.path.join(work_dir, image_relpath(index))
-    if os.path.exists(path):
-        return os.path.getsize(path)
-    data, _ = synthetic_photo(index)
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-    return len(data)
-
-
 def generate_images(work_dir: str, count: int, processes: int) -> dict:
     """Makes sure images ``0 .. count-1`` exist under ``work_dir/images``; returns size stats."""
-    for label in CLASSES:
-        os.makedirs(os.path.join(work_dir, "images", label), exist_ok=True)
     start = time.perf_counter()
-    tasks = [(work_dir, i) for i in range(count)]
-    with multiprocessing.get_context("spawn").Pool(processes) as pool:
-        sizes = np.array(pool.map(_write_image, tasks, chunksize=32), np.float64)
+    tasks = [(os.path.join(work_dir, image_relpath(i)), i) for i in range(count)]
+    sizes = common.write_photos(tasks, processes, chunksize=32)
     return {
         "count": count,
         "seconds": round(time.perf_counter() - start, 1),
-        "mean_kib": round(float(sizes.mean()) / 1024, 1),
-        "min_kib": round(float(sizes.min()) / 1024, 1),
-        "max_kib": round(float(sizes.max()) / 1024, 1),
+        **common.size_stats(sizes),
     }
 
 
@@ -219,30 +118,10 @@ def write_label_csv(work_dir: str, count: int) -> str:
 
 def load_backbone(handle: str):
     """Resolves and probes ``handle`` as the job does; returns (spec, embedder)."""
-    from pipeline import backbone
+    from backbones import hub, registry
 
-    spec = backbone.probe(backbone.resolve(handle))
-    return spec, backbone.load(spec)
-
-
-def _time_calls(
-    fn, arg, seconds: float, warmup: int = 3, min_calls: int = 3
-) -> tuple[int, float, float]:
-    """Calls ``fn(arg).numpy()`` ``warmup`` times, then for ``seconds``.
-
-    Returns:
-      (calls, wall seconds, CPU seconds of this process, all threads).
-    """
-    for _ in range(warmup):
-        fn(arg).numpy()
-    calls = 0
-    cpu_start, start = time.process_time(), time.perf_counter()
-    while True:
-        fn(arg).numpy()
-        calls += 1
-        elapsed = time.perf_counter() - start
-        if elapsed >= seconds and calls >= min_calls:
-            return calls, elapsed, time.process_time() - cpu_start
+    spec = hub.probe(registry.resolve(handle))
+    return spec, hub.load(spec)
 
 
 def raw_backbone_throughput(
@@ -270,7 +149,7 @@ def raw_backbone_throughput(
     for round_ in range(rounds):
         for batch in batch_sizes:
             load = os.getloadavg()[0]
-            calls, elapsed, cpu = _time_calls(
+            calls, elapsed, cpu = common.time_calls(
                 embed, inputs[batch], seconds / rounds, warmup=3 if round_ == 0 else 1
             )
             rate = batch * calls / elapsed
@@ -323,19 +202,22 @@ def stage_costs(work_dir: str, count: int, spec, embedder, batch: int, seconds: 
 
     import tensorflow as tf
 
+    from backbones.inputs import pixels_to_backbone_input
     from pipeline import images, sinks
     from schemas import features
-    from schemas.backbones import pixels_to_backbone_input
 
     paths = [os.path.join(work_dir, image_relpath(i)) for i in range(count)]
     size = spec.image_size
 
+    def read_and_hash(path: str) -> bytes:
+        with open(path, "rb") as f:
+            data = f.read()
+        images.sha256_hex(data)
+        return data
+
     def read_hash_validate() -> None:
         for path in paths:
-            with open(path, "rb") as f:
-                data = f.read()
-            images.sha256_hex(data)
-            images.validate(data)
+            images.validate(read_and_hash(path))
 
     reencoded: list[bytes] = []
     pixels: list[np.ndarray] = []
@@ -344,9 +226,7 @@ def stage_costs(work_dir: str, count: int, spec, embedder, batch: int, seconds: 
         reencoded.clear()
         pixels.clear()
         for path in paths:
-            with open(path, "rb") as f:
-                data = f.read()
-            images.sha256_hex(data)
+            data = read_and_hash(path)
             encoded = images.reencode(data, backbone_size=size)
             reencoded.append(encoded.jpeg)
             pixels.append(encoded.backbone_pixels)
@@ -384,7 +264,7 @@ def stage_costs(work_dir: str, count: int, spec, embedder, batch: int, seconds: 
         return embedder(pixels_to_backbone_input(batch_pixels))
 
     stacked = tf.constant(np.stack((pixels * (batch // len(pixels) + 1))[:batch]))
-    calls, elapsed, _ = _time_calls(embed, stacked, seconds)
+    calls, elapsed, _ = common.time_calls(embed, stacked, seconds)
     embed_rate = batch * calls / elapsed
     image_work_ms = validate_ms + encode_ms + gzip["job"]["ms_per_record"]
     return {
@@ -406,16 +286,15 @@ def beam_free_loop(work_dir: str, count: int, spec, batch: int, out_path: str) -
     job's order and with the job's threading: pass 2 (``transforms.hash_and_validate``) for every
     image on a pool of ``parallel.default_threads()`` threads, then (after that barrier, as the
     job's GroupByKey is one) pass 3 (``EncodeFn.work``) on the pool with the job's in-flight
-    bound, while this thread runs the job's model handler on batches of ``batch``, builds each
-    TFExample with ``schemas.features.make_example`` and writes it with Beam's TFRecord framing
-    through the job's GZIP writer (:mod:`pipeline.sinks`). What the job does beyond this is
-    Beam's per-element work and the start-up; so ``loop / raw`` is the most the job's steady
-    ratio can reach on this machine, and ``job steady / loop`` is what Beam keeps of it.
+    bound (``parallel.ordered_map``: the scheduling of the job's ``ThreadedDoFn``), while this
+    thread runs the job's model handler on batches of ``batch``, builds each TFExample with
+    ``schemas.features.make_example`` and writes it as the job's sink does
+    (``sinks.write_tfrecords``: Beam's TFRecord framing, the job's GZIP setting). What the job
+    does beyond this is Beam's per-element work and the start-up; so ``loop / raw`` is the most
+    the job's steady ratio can reach on this machine, and ``job steady / loop`` is what Beam
+    keeps of it.
     """
-    import collections
     from concurrent.futures import ThreadPoolExecutor
-
-    from apache_beam.io import tfrecordio
 
     from pipeline import images, inference, parallel, sinks, transforms
     from pipeline.records import Row
@@ -436,20 +315,32 @@ def beam_free_loop(work_dir: str, count: int, spec, batch: int, out_path: str) -
     warm = transforms.hash_and_validate(rows[0], images.DEFAULT_MAX_PIXELS)
     _, pixels = encode.work(transforms.Accepted(warm, rows[0], "train"))
     handler.run_inference([pixels] * batch, model)  # traced and warm, as the job's is by then
-    limit = 2 * batch + 16  # EncodeAndEmbed's bound
-    written = 0
+    limit = transforms.encode_in_flight(batch)  # EncodeAndEmbed's bound
 
-    def write(f, pending_batch) -> int:
-        results = handler.run_inference([p for _, p in pending_batch], model)
-        for (key, _), result in zip(pending_batch, results, strict=True):
+    def embed(encoded_batch: list) -> list[bytes]:
+        """One model call on a batch of ``(Encoded, pixels)``; the serialized TFExamples."""
+        results = handler.run_inference([p for _, p in encoded_batch], model)
+        examples = []
+        for (key, _), result in zip(encoded_batch, results, strict=True):
             row = key.accepted.row
             example = features.make_example(
                 jpeg=key.jpeg, height=key.height, width=key.width, source=row.uri,
                 sha256=key.accepted.sha256, label=index[row.label], label_text=row.label,
                 embedding=np.asarray(result.inference, dtype=np.float32),
             )  # fmt: skip
-            tfrecordio._TFRecordUtil.write_record(f, example.SerializeToString())  # noqa: SLF001
-        return len(pending_batch)
+            examples.append(example.SerializeToString())
+        return examples
+
+    def examples(pool, accepted):
+        """Pass 3 on the pool (in order, at most ``limit`` pending), embedded in batches."""
+        ready: list = []
+        for encoded in parallel.ordered_map(encode.work, accepted, pool, limit):
+            ready.append(encoded)
+            if len(ready) == batch:
+                yield from embed(ready)
+                ready = []
+        if ready:
+            yield from embed(ready)
 
     load = os.getloadavg()[0]
     cpu_start, start = time.process_time(), time.perf_counter()
@@ -459,21 +350,7 @@ def beam_free_loop(work_dir: str, count: int, spec, batch: int, out_path: str) -
         )
         pass2_s = time.perf_counter() - start
         accepted = [transforms.Accepted(h, r, "train") for h, r in zip(hashes, rows, strict=True)]
-        pending: collections.deque = collections.deque()
-        ready: list = []
-        with open(out_path, "wb") as raw:
-            f = sinks._GzipFile(raw, sinks.GZIP_LEVEL, sinks.GZIP_STRATEGY)  # noqa: SLF001
-            for item in accepted:
-                pending.append(pool.submit(encode.work, item))
-                while pending and (len(pending) > limit or pending[0].done()):
-                    ready.append(pending.popleft().result())
-                    if len(ready) == batch:
-                        written += write(f, ready)
-                        ready = []
-            ready += [future.result() for future in pending]
-            for i in range(0, len(ready), batch):
-                written += write(f, ready[i : i + batch])
-            f.close()
+        written = sinks.write_tfrecords(out_path, examples(pool, accepted))
     wall = time.perf_counter() - start
     cpu = time.process_time() - cpu_start
     if written != count:
@@ -492,180 +369,22 @@ def beam_free_loop(work_dir: str, count: int, spec, batch: int, out_path: str) -
 
 
 # ----------------------------------------------------------------------------------------------
-# The job in a subprocess: wall time, peak memory, manifest check
+# The job in a subprocess: wall time, peak memory (:mod:`benchmarks.memory`), manifest check
 # ----------------------------------------------------------------------------------------------
-
-
-def _read_rss_kib(pid: int) -> tuple[int, int]:
-    """(``VmRSS``, ``VmHWM``) of ``pid`` in KiB; zeros when it is gone or is a zombie."""
-    values = {"VmRSS:": 0, "VmHWM:": 0}
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
-            for line in f:
-                key = line[:6]
-                if key in values:
-                    values[key] = int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return values["VmRSS:"], values["VmHWM:"]
-
-
-def _process_tree(root: int) -> list[int]:
-    """``root`` and all its live descendants, from the parent links in ``/proc/*/stat``."""
-    children: dict[int, list[int]] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", encoding="ascii", errors="replace") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
-        children.setdefault(ppid, []).append(int(name))
-    tree, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        todo.extend(children.get(pid, []))
-    return tree
-
-
-@dataclass
-class TreeRssSampler:
-    """Samples the summed RSS of a process tree in a background thread; keeps the peaks.
-
-    ``peak_kib`` is the largest sum of ``VmRSS`` over the tree; ``peak_hwm_kib`` the largest
-    ``VmHWM`` (kernel high-water mark) of any one process seen. With ``skip_root`` the root (a
-    ``/usr/bin/time`` wrapper) is left out of both.
-    """
-
-    root: int
-    skip_root: bool = False
-    interval: float = SAMPLE_INTERVAL_S
-    peak_kib: int = 0
-    peak_hwm_kib: int = 0
-    peak_processes: int = 0
-    peak_at_s: float = 0.0
-    samples: int = 0
-    timeline: list[tuple[float, int]] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
-
-    def start(self) -> TreeRssSampler:
-        """Starts sampling."""
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Stops sampling and waits for the thread."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-
-    def _run(self) -> None:
-        start = time.perf_counter()
-        while not self._stop.is_set():
-            pids = _process_tree(self.root)[1 if self.skip_root else 0 :]
-            figures = [_read_rss_kib(pid) for pid in pids]
-            total = sum(rss for rss, _ in figures)
-            now = time.perf_counter() - start
-            self.peak_hwm_kib = max([self.peak_hwm_kib, *(hwm for _, hwm in figures)])
-            self.samples += 1
-            self.timeline.append((round(now, 1), total))
-            if total > self.peak_kib:
-                self.peak_kib, self.peak_processes, self.peak_at_s = total, len(pids), now
-            self._stop.wait(self.interval)
-
-    def coarse_timeline(self, points: int = 50) -> list[tuple[float, float]]:
-        """About ``points`` (seconds, tree RSS MiB) pairs: the max of each slice of samples."""
-        step = max(1, len(self.timeline) // points)
-        return [
-            (chunk[0][0], round(max(kib for _, kib in chunk) / 1024, 1))
-            for chunk in (self.timeline[i : i + step] for i in range(0, len(self.timeline), step))
-        ]
 
 
 def job_command(
     csv_path: str, output_dir: str, backbone: str, batch: int, job_flags: Sequence[str]
 ) -> list[str]:
     """The command line of one preprocessing run."""
-    return [
-        sys.executable, "-m", "pipeline.preprocess",
+    return common.preprocess_command(
         f"--input_csv={csv_path}",
         f"--output_dir={output_dir}",
         f"--backbone={backbone}",
         f"--batch_size={batch}",
         "--overwrite",
         *job_flags,
-    ]  # fmt: skip
-
-
-def _gnu_time() -> str | None:
-    """``/usr/bin/time`` when it is GNU time (``-f``/``-o`` and ``%M``), else None."""
-    if not os.access(GNU_TIME, os.X_OK):
-        return None
-    probe = subprocess.run([GNU_TIME, "--version"], capture_output=True, text=True, check=False)
-    return GNU_TIME if "GNU" in probe.stdout + probe.stderr else None
-
-
-def run_job(command: Sequence[str], log_path: str) -> dict:
-    """Runs the job to completion; returns wall time, peak RSS figures and CPU time.
-
-    The peak RSS of the largest process comes from GNU ``/usr/bin/time`` (``%M``) when it is
-    installed: ``os.wait4`` on a child forked from this process would also count this process's
-    own pre-``exec`` pages. Without it, the largest ``VmHWM`` sampled is used.
-
-    Raises:
-      BenchmarkError: the job exited non-zero (the log's tail is in the message).
-    """
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO_ROOT, env.get("PYTHONPATH")]))
-    env["PYTHONUNBUFFERED"] = "1"
-    gnu_time = _gnu_time()
-    usage_path = f"{log_path}.rusage"
-    if gnu_time:
-        command = [gnu_time, "-f", "%M %U %S", "-o", usage_path, *command]
-    load = os.getloadavg()[0]
-    with open(log_path, "wb") as log:
-        start = time.perf_counter()
-        proc = subprocess.Popen(
-            command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
-        )
-        sampler = TreeRssSampler(proc.pid, skip_root=bool(gnu_time)).start()
-        try:
-            _, status, usage = os.wait4(proc.pid, 0)
-        finally:
-            wall = time.perf_counter() - start
-            sampler.stop()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        with open(log_path, encoding="utf-8", errors="replace") as f:
-            tail = "".join(f.readlines()[-25:])
-        raise BenchmarkError(f"job exited {proc.returncode}; log {log_path}:\n{tail}")
-    max_rss_kib, cpu_s, source = sampler.peak_hwm_kib, usage.ru_utime + usage.ru_stime, "VmHWM"
-    if gnu_time:
-        with open(usage_path, encoding="utf-8") as f:
-            fields = f.read().split()[-3:]  # GNU time may put a status line first
-        max_rss_kib, cpu_s, source = (
-            int(fields[0]),
-            float(fields[1]) + float(fields[2]),
-            "GNU time %M",
-        )
-    return {
-        "wall_s": wall,
-        "peak_tree_rss_mib": sampler.peak_kib * 1024 / MIB,
-        "peak_tree_processes": sampler.peak_processes,
-        "peak_tree_rss_at_s": sampler.peak_at_s,
-        "tree_rss_timeline_mib": sampler.coarse_timeline(),
-        "rss_samples": sampler.samples,
-        "max_process_rss_mib": max_rss_kib * 1024 / MIB,
-        "max_process_rss_source": source,
-        "cpu_s": cpu_s,
-        "loadavg_1m_before": load,
-        "log": log_path,
-    }
+    )
 
 
 def check_manifest(output_dir: str, expected: int) -> dict:
@@ -674,12 +393,7 @@ def check_manifest(output_dir: str, expected: int) -> dict:
     Raises:
       BenchmarkError: rows missing, rejected or duplicated, or no manifest.
     """
-    path = os.path.join(output_dir, "manifest.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            rows = json.load(f)["rows"]
-    except (OSError, ValueError, KeyError) as e:
-        raise BenchmarkError(f"no readable manifest at {path}: {e}") from e
+    rows = common.read_manifest(output_dir).get("rows", {})
     if rows.get("written") != expected or rows.get("read") != expected:
         raise BenchmarkError(f"job dropped rows: expected {expected} written, manifest says {rows}")
     return rows
@@ -692,9 +406,8 @@ def run_pipeline_size(
     csv_path = write_label_csv(work_dir, n)
     output_dir = os.path.join(work_dir, f"out_{n}")
     command = job_command(csv_path, output_dir, backbone, batch, job_flags)
-    os.makedirs(os.path.join(work_dir, "logs"), exist_ok=True)
     print(f"  job N={n}: {shlex.join(command)}", flush=True)
-    result = run_job(command, os.path.join(work_dir, "logs", f"job_{n}.log"))
+    result = memory.run_measured(command, os.path.join(work_dir, "logs", f"job_{n}.log"))
     result["rows"] = check_manifest(output_dir, n)
     result["n"] = n
     result["images_per_s"] = n / result["wall_s"]
@@ -719,32 +432,20 @@ def summarise(results: dict) -> None:
     raw_best = results["raw"]["best_images_per_s"]
     startup = results["startup_run"]
     raw_cpu_ms = results["raw"]["best_cpu_ms_per_image"]
-    n0, wall0, cpu0 = startup["n"], startup["wall_s"], startup["cpu_s"]
     raw_after = results["raw_after"]["best_images_per_s"]
     loop = results["loop"]
     loop["over_raw"] = loop["images_per_s"] / raw_best
     loop["over_raw_after"] = loop["images_per_s"] / raw_after
     for run in results["runs"]:
-        run["steady_over_raw_after"] = (
-            (run["n"] - n0) / (run["wall_s"] - wall0) / raw_after if run["wall_s"] > wall0 else None
-        )
+        rate, cpu_ms = common.steady(run, startup)
+        run["steady_over_raw_after"] = rate / raw_after if rate is not None else None
         run["e2e_over_raw"] = run["images_per_s"] / raw_best
-        run["steady_over_loop"] = (
-            (run["n"] - n0) / (run["wall_s"] - wall0) / loop["images_per_s"]
-            if run["wall_s"] > wall0
-            else None
-        )
-        net = run["wall_s"] - wall0
-        run["steady_images_per_s"] = (run["n"] - n0) / net if net > 0 else None
-        run["steady_over_raw"] = (
-            run["steady_images_per_s"] / raw_best if run["steady_images_per_s"] else None
-        )
+        run["steady_over_loop"] = rate / loop["images_per_s"] if rate is not None else None
+        run["steady_images_per_s"] = rate
+        run["steady_over_raw"] = common.ratio(rate, raw_best)
         run["cpu_utilisation"] = run["cpu_s"] / run["wall_s"] / results["machine"]["cpus"]
-        net_cpu = run["cpu_s"] - cpu0
-        run["steady_cpu_ms_per_image"] = net_cpu * 1000 / (run["n"] - n0) if net_cpu > 0 else None
-        run["raw_cpu_over_steady_cpu"] = (
-            raw_cpu_ms / run["steady_cpu_ms_per_image"] if net_cpu > 0 else None
-        )
+        run["steady_cpu_ms_per_image"] = cpu_ms
+        run["raw_cpu_over_steady_cpu"] = raw_cpu_ms / cpu_ms if cpu_ms is not None else None
     first, last = results["runs"][0], results["runs"][-1]
     results["rss_growth"] = {
         "from_n": first["n"],
@@ -754,21 +455,12 @@ def summarise(results: dict) -> None:
     }
 
 
-def _cell(value: float | None, width: int, decimals: int) -> str:
-    """A right-aligned table cell; ``-`` for a figure that does not apply."""
-    return f"{value:{width}.{decimals}f}" if value is not None else f"{'-':>{width}}"
-
-
 def format_report(results: dict) -> str:
     """The final table of every figure, as text."""
     m, raw, stages = results["machine"], results["raw"], results["stages"]
     spec = results["backbone"]
     lines = [
-        "=" * 100,
-        "hubflow preprocess benchmark",
-        f"command : {results['command']}",
-        f"machine : {m['cpus']} CPUs (affinity {m['cpus_usable']}), {m['platform']}, "
-        f"load avg at start {m['loadavg_at_start']}",
+        *common.report_header("hubflow preprocess benchmark", results),
         f"backbone: {spec['handle']} ({spec['image_size']}px -> {spec['embedding_dim']}-d)",
         f"images  : {results['images']['count']} synthetic JPEGs, "
         f"{results['images']['mean_kib']:.0f} KiB mean "
@@ -824,10 +516,11 @@ def format_report(results: dict) -> str:
     for run in [results["startup_run"], *results["runs"]]:
         lines.append(
             f"  {run['n']:>5} {run['wall_s']:7.1f} {run['images_per_s']:6.1f} "
-            f"{_cell(run.get('steady_images_per_s'), 6, 1)} "
-            f"{_cell(run.get('e2e_over_raw'), 7, 2)} {_cell(run.get('steady_over_raw'), 8, 2)} "
-            f"{_cell(run.get('steady_cpu_ms_per_image'), 8, 1)} "
-            f"{_cell(run.get('raw_cpu_over_steady_cpu'), 7, 2)} "
+            f"{common.cell(run.get('steady_images_per_s'), 6, 1)} "
+            f"{common.cell(run.get('e2e_over_raw'), 7, 2)} "
+            f"{common.cell(run.get('steady_over_raw'), 8, 2)} "
+            f"{common.cell(run.get('steady_cpu_ms_per_image'), 8, 1)} "
+            f"{common.cell(run.get('raw_cpu_over_steady_cpu'), 7, 2)} "
             f"{run['peak_tree_rss_mib']:7.0f} {run['max_process_rss_mib']:7.0f} "
             f"{100 * run['cpu_s'] / run['wall_s'] / m['cpus']:4.0f} {run['loadavg_1m_before']:5.2f}"
         )
@@ -845,7 +538,7 @@ def format_report(results: dict) -> str:
         "depends far less",
         "    on other load on the machine than the wall-clock ratios do",
         "  RSS in MiB: tree = peak of summed VmRSS of the job's process tree (sampled every "
-        f"{SAMPLE_INTERVAL_S} s);",
+        f"{memory.SAMPLE_INTERVAL_S} s);",
         f"    proc = kernel peak RSS of its largest process ({best['max_process_rss_source']})",
         "  CPU% = (user + sys) / wall / CPUs; load = 1-minute load average before the run",
         "  tree RSS peak reached at: "
@@ -860,15 +553,15 @@ def format_report(results: dict) -> str:
         f"raw after jobs  : {results['raw_after']['best_images_per_s']:.1f} images/s "
         f"(batch {raw['best_batch']}, timed again after the end-to-end runs)",
         f"e2e / raw best  : {best['e2e_over_raw']:.2f} at N={best['n']}; steady / raw best "
-        f"{_cell(best.get('steady_over_raw'), 0, 2)}, steady / raw after "
-        f"{_cell(best.get('steady_over_raw_after'), 0, 2)} (target >= 0.8)",
+        f"{common.cell(best.get('steady_over_raw'), 0, 2)}, steady / raw after "
+        f"{common.cell(best.get('steady_over_raw_after'), 0, 2)} (target >= 0.8)",
         f"loop / raw best : {results['loop']['over_raw']:.2f} (Beam-free ceiling); job steady / "
-        f"loop {_cell(best.get('steady_over_loop'), 0, 2)} (what Beam keeps of it)",
+        f"loop {common.cell(best.get('steady_over_loop'), 0, 2)} (what Beam keeps of it)",
         f"RSS({growth['to_n']}) / RSS({growth['from_n']}): tree {growth['tree_ratio']:.2f}, "
         f"largest process {growth['max_process_ratio']:.2f} (target ~1.0, not growing with N)",
         "timings are wall clock on a shared machine: compare the load columns between steps",
         f"json            : {results['json']}",
-        "=" * 100,
+        common.REPORT_RULE,
     ]
     return "\n".join(lines)
 
@@ -878,24 +571,12 @@ def format_report(results: dict) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-def _int_list(value: str) -> list[int]:
-    try:
-        numbers = [int(x) for x in value.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {value!r}"
-        ) from None
-    if not numbers or min(numbers) <= 0:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {value!r}")
-    return numbers
-
-
 def build_parser() -> argparse.ArgumentParser:
     """Command-line flags of the benchmark."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--sizes",
-        type=_int_list,
+        type=common.int_list,
         default=[1000, 4000],
         help="dataset sizes N for end-to-end runs (default 1000,4000)",
     )
@@ -906,7 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--batch_sizes",
-        type=_int_list,
+        type=common.int_list,
         default=[8, 16, 32, 64],
         help="batch sizes for the raw backbone timing (default 8,16,32,64)",
     )
@@ -951,13 +632,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="the job's --batch_size (default: the raw backbone's best batch size)",
     )
-    parser.add_argument(
-        "--job_flag",
-        action="append",
-        default=[],
-        help="extra flag for the job, repeatable (e.g. "
-        "--job_flag=--direct_running_mode=multi_processing)",
-    )
+    common.add_job_flag(parser)
     parser.add_argument(
         "--keep_outputs",
         action="store_true",
@@ -972,28 +647,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     sizes = sorted(set(args.sizes))
     work_dir = os.path.abspath(args.work_dir)
     os.makedirs(work_dir, exist_ok=True)
-    cpus = os.cpu_count() or 1
     results: dict = {
-        "command": shlex.join([sys.executable, *sys.argv]),
-        "machine": {
-            "cpus": cpus,
-            "cpus_usable": len(os.sched_getaffinity(0)),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
-        },
+        "command": common.command_line(),
+        "machine": common.machine_info(),
         "json": os.path.join(work_dir, RESULTS_FILE),
     }
+    cpus = results["machine"]["cpus"]
     try:
         count = max(sizes + [args.startup_n, args.stage_sample, args.loop_n])
         print(f"[1/6] generating {count} images in {work_dir}/images", flush=True)
         results["images"] = generate_images(work_dir, count, processes=cpus)
         print(f"      {results['images']}", flush=True)
 
-        backbone = args.backbone or os.path.join(work_dir, BACKBONE_DIR)
+        backbone = args.backbone or os.path.join(work_dir, common.MOBILENET_DIR)
         if not args.backbone:
             print(f"[2/6] building random-weight MobileNetV2 backbone at {backbone}", flush=True)
-            build_mobilenet_backbone(backbone)
+            common.build_mobilenet_backbone(backbone)
         else:
             print(f"[2/6] using backbone {backbone}", flush=True)
         spec, embedder = load_backbone(backbone)
@@ -1039,19 +708,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("      raw backbone again, after the job runs", flush=True)
         results["raw_after"] = raw_backbone_throughput(spec, embedder, [best_batch], args.seconds)
     except BenchmarkError as e:
-        print(f"benchmark failed: {e}", file=sys.stderr)
-        results["error"] = str(e)
-        _write_json(results)
-        return 1
+        return common.fail(results, e)
     summarise(results)
-    _write_json(results)
+    common.write_json(results["json"], results)
     print(format_report(results))
     return 0
-
-
-def _write_json(results: dict) -> None:
-    with open(results["json"], "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=2, default=str)
 
 
 if __name__ == "__main__":

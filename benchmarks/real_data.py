@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/real_data.py [--work_dir DIR] [--skip PART ...] [--augment_epochs 8]
+    python -m benchmarks.real_data [--work_dir DIR] [--skip PART ...] [--augment_epochs 8]
                                    [--fine_tune_epochs 2] [--fine_tune_head_epochs 2]
                                    [--fine_tune_layers 20]
                                    [--mnist_backbone standin|efficientnet_lite0]
@@ -46,7 +46,7 @@ after every step so a partial run keeps what it measured):
    relative to the CSV). Preprocessed with ``--eval_fraction 0.1 --test_fraction 0.2`` (a
    hashed, held-out 20% test split). The from-scratch models never read the embedding, but the
    job embeds every image anyway; by default it uses the small random stand-in backbone of
-   ``pipeline.sample.save_standin_backbone`` (64 px -> 32-d) to save time
+   ``backbones.standin.save_standin_backbone`` (64 px -> 32-d) to save time
    (``--mnist_backbone efficientnet_lite0`` uses the real default instead). Then
    ``--model linear|dnn|cnn --image_size 28 --channels 1`` with default epochs (30, early
    stopping on eval loss, patience 5), against the targets linear >= 0.90, dnn >= 0.95,
@@ -61,40 +61,20 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
-import platform
 import re
-import resource
 import shlex
-import subprocess
 import sys
 import time
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED_DATA = os.path.normpath(os.path.join(REPO_ROOT, "..", "shared", "data"))
+from benchmarks import common
+from benchmarks.common import SHARED_DATA, BenchmarkError
+
 RESULTS_FILE = "real_data_benchmark.json"
 CATSDOGS_TARGET = 0.98
 MNIST_TARGETS = {"linear": 0.90, "dnn": 0.95, "cnn": 0.98}
 PARTS = ("catsdogs", "head", "augment", "fine_tune", "mnist", "linear", "dnn", "cnn")
 _PROGRESS = re.compile(r"embedded images: (\d+)(?: of \d+ \([^)]*\))?, ([\d.]+)/s.*\[pid (\d+)\]")
-
-
-class BenchmarkError(RuntimeError):
-    """A subprocess failed or produced no usable output."""
-
-
-def _log(message: str = "") -> None:
-    print(message, flush=True)
-
-
-def _load() -> float:
-    return round(os.getloadavg()[0], 2)
-
-
-def _children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
 
 
 def run_step(command: list[str], log_path: str) -> dict:
@@ -103,24 +83,15 @@ def run_step(command: list[str], log_path: str) -> dict:
     Raises:
       BenchmarkError: the command exited non-zero (with the tail of its log).
     """
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO_ROOT, env.get("PYTHONPATH")]))
-    load = _load()
-    _log(f"  $ {shlex.join(command)}")
-    _log(f"    (load average 1 min before: {load}; log: {log_path})")
-    cpu0, start = _children_cpu(), time.perf_counter()
-    with open(log_path, "wb") as log:
-        code = subprocess.call(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=log)
-    wall, cpu = time.perf_counter() - start, _children_cpu() - cpu0
-    if code != 0:
-        with open(log_path, encoding="utf-8", errors="replace") as f:
-            tail = "".join(f.readlines()[-25:])
-        raise BenchmarkError(f"exit {code}: {shlex.join(command)}\n{tail}")
+    load = common.loadavg()
+    common.log(f"  $ {shlex.join(command)}")
+    common.log(f"    (load average 1 min before: {load}; log: {log_path})")
+    run = common.run_logged(command, log_path)
     return {
         "command": shlex.join(command),
         "load_1m_before": load,
-        "wall_s": round(wall, 1),
-        "cpu_s": round(cpu, 1),
+        "wall_s": round(run["wall_s"], 1),
+        "cpu_s": round(run["cpu_s"], 1),
     }
 
 
@@ -160,42 +131,32 @@ def _embed_rate(log_path: str) -> float | None:
 
 def preprocess(name: str, job_args: list[str], args, work_dir: str) -> dict:
     output_dir = os.path.join(work_dir, name)
-    manifest_path = os.path.join(output_dir, "manifest.json")
     info: dict = {"output_dir": output_dir}
-    if args.reuse_data and os.path.exists(manifest_path):
-        _log(f"  reusing {output_dir} (--reuse_data; preprocessing not timed)")
+    if args.reuse_data and os.path.exists(os.path.join(output_dir, common.MANIFEST_FILE)):
+        common.log(f"  reusing {output_dir} (--reuse_data; preprocessing not timed)")
         info["reused"] = True
     else:
-        command = [
-            sys.executable,
-            "-m",
-            "pipeline.preprocess",
-            *job_args,
-            f"--output_dir={output_dir}",
-            "--overwrite",
-            *args.job_flag,
-        ]
+        command = common.preprocess_command(
+            *job_args, f"--output_dir={output_dir}", "--overwrite", *args.job_flag
+        )
         log_path = os.path.join(work_dir, f"{name}_preprocess.log")
         info.update(run_step(command, log_path))
         info["job_embed_rate_per_s"] = _embed_rate(log_path)
-    with open(manifest_path, encoding="utf-8") as f:
-        manifest = json.load(f)
+    manifest = common.read_manifest(output_dir)
     info["rows"] = manifest["rows"]
     info["rejected_by_reason"] = manifest.get("rejected_by_reason", {})
-    info["splits"] = {split: v["count"] for split, v in manifest["splits"].items()}
+    info["splits"] = common.split_counts(manifest, output_dir)
     info["split_labels"] = {split: v["labels"] for split, v in manifest["splits"].items()}
     info["backbone"] = manifest["backbone"]
     if "wall_s" in info:
         info["images_per_s"] = round(manifest["rows"]["read"] / info["wall_s"], 1)
-    if min(info["splits"].values()) == 0:
-        raise BenchmarkError(f"{output_dir}: a split is empty: {info['splits']}")
     r = info["rows"]
-    _log(
+    common.log(
         f"  rows read {r['read']} = written {r['written']} + duplicates {r['duplicates']} "
         f"+ rejected {r['rejected']}; splits {info['splits']}"
     )
     if "wall_s" in info:
-        _log(
+        common.log(
             f"  {info['wall_s']:.1f} s wall, {info['cpu_s']:.1f} s CPU, "
             f"{info['images_per_s']} images/s end to end; "
             f"job-logged embedding rate {info['job_embed_rate_per_s']}/s"
@@ -210,23 +171,14 @@ def preprocess(name: str, job_args: list[str], args, work_dir: str) -> dict:
 
 def train(name: str, data_dir: str, flags: list[str], work_dir: str) -> dict:
     model_dir = os.path.join(work_dir, f"model_{name}")
-    command = [
-        sys.executable,
-        "-m",
-        "training.task",
-        f"--data_dir={data_dir}",
-        f"--model_dir={model_dir}",
-        "--overwrite",
-        *flags,
-    ]
+    command = common.trainer_command(
+        f"--data_dir={data_dir}", f"--model_dir={model_dir}", "--overwrite", *flags
+    )
     info = {"flags": flags, "model_dir": model_dir}
     info.update(run_step(command, os.path.join(work_dir, f"{name}_train.log")))
-    with open(os.path.join(model_dir, "metrics.json"), encoding="utf-8") as f:
-        metrics = json.load(f)
-    with open(os.path.join(model_dir, "history.json"), encoding="utf-8") as f:
-        history = json.load(f)
-    with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
-        resolved = json.load(f)["train"]
+    metrics = common.read_json(os.path.join(model_dir, "metrics.json"), "metrics")
+    history = common.read_json(os.path.join(model_dir, "history.json"), "history")
+    resolved = common.read_json(os.path.join(model_dir, "config.json"), "run config")["train"]
     test, evaluation = metrics["test"], metrics["eval"]
     stages: dict[str, int] = {}
     for stage in history.get("stage", []):
@@ -247,7 +199,7 @@ def train(name: str, data_dir: str, flags: list[str], work_dir: str) -> dict:
         history_stage=history.get("stage", []),
         confusion_matrix=test.get("confusion_matrix"),
     )
-    _log(
+    common.log(
         f"  test accuracy {info['test_accuracy']:.4f} ({info['test_examples']} examples), "
         f"eval {info['eval_accuracy']:.4f}; epochs {stages} (max {resolved['epochs']}, "
         f"best eval-loss epoch over all stages {info['best_epoch']}); "
@@ -262,39 +214,15 @@ def train(name: str, data_dir: str, flags: list[str], work_dir: str) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-def _save(results: dict, work_dir: str) -> None:
-    path = os.path.join(work_dir, RESULTS_FILE)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=2)
-    os.replace(path + ".tmp", path)
-
-
 def _attempt(results: dict, key: str, work_dir: str, fn, *a):
     """Runs one step; a failure is recorded (and printed) instead of ending the benchmark."""
     try:
         results[key] = fn(*a)
     except BenchmarkError as e:
-        _log(f"  FAILED: {e}")
+        common.log(f"  FAILED: {e}")
         results[key] = {"error": str(e)}
-    _save(results, work_dir)
+    common.write_json(os.path.join(work_dir, RESULTS_FILE), results)
     return results[key]
-
-
-def _git_revision() -> str:
-    """``HEAD``'s commit, with ``+dirty`` when tracked files differ (read-only git calls)."""
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-    except OSError:
-        return "unknown"
-    return (head or "unknown") + ("+dirty" if dirty else "")
 
 
 def _table(results: dict) -> str:
@@ -367,13 +295,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="backbone the MNIST job embeds with (the scratch models ignore it)",
     )
     p.add_argument("--reuse_data", action="store_true", help="keep existing preprocessed data")
-    p.add_argument(
-        "--job_flag",
-        action="append",
-        default=[],
-        help="extra flag for the preprocessing jobs, e.g. "
-        "--job_flag=--direct_running_mode=multi_processing",
-    )
+    common.add_job_flag(p, "the preprocessing jobs")
     return p.parse_args(argv)
 
 
@@ -382,13 +304,14 @@ def main(argv=None) -> int:
     work_dir = os.path.abspath(args.work_dir)
     os.makedirs(work_dir, exist_ok=True)
     skip = set(args.skip)
-    command = shlex.join([sys.executable, *sys.argv])
+    command = common.command_line()
+    machine = common.machine_info()
     results: dict = {
         "command": command,
-        "cpu_count": os.cpu_count(),
-        "git_revision": _git_revision(),
-        "platform": platform.platform(),
-        "python": sys.version.split()[0],
+        "cpu_count": machine["cpus"],
+        "git_revision": common.git_revision(),
+        "platform": machine["platform"],
+        "python": machine["python"],
         "hubflow_cache": os.environ.get("HUBFLOW_CACHE", "~/.cache/hubflow (default)"),
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         "options": {
@@ -401,20 +324,20 @@ def main(argv=None) -> int:
             "skip": sorted(skip),
         },
     }
-    _log(f"command: {command}")
-    _log(f"code: {results['git_revision']}")
-    _log(f"CPUs: {os.cpu_count()}; load average 1/5/15 min: {os.getloadavg()}")
-    _log("(shared machine: timings are noisy; see the load before each step and the CPU s)")
+    common.log(f"command: {command}")
+    common.log(f"code: {results['git_revision']}")
+    common.log(f"CPUs: {machine['cpus']}; load average 1/5/15 min: {os.getloadavg()}")
+    common.log("(shared machine: timings are noisy; see the load before each step and the CPU s)")
     started = time.perf_counter()
 
     if "catsdogs" not in skip:
-        _log("\n== 1. cats-vs-dogs-2k, efficientnet_lite0 ==")
+        common.log("\n== 1. cats-vs-dogs-2k, efficientnet_lite0 ==")
         csv_path = os.path.join(work_dir, "catsdogs_labels.csv")
         results["catsdogs_csv"] = {
             "path": csv_path,
             "files": write_catsdogs_csv(args.catsdogs_dir, csv_path),
         }
-        _log(f"  label CSV {csv_path}: {results['catsdogs_csv']['files']}")
+        common.log(f"  label CSV {csv_path}: {results['catsdogs_csv']['files']}")
         job = [
             f"--input_csv={csv_path}",
             "--backbone=efficientnet_lite0",
@@ -449,14 +372,14 @@ def main(argv=None) -> int:
         for key, title, flags in steps:
             if key in skip or "error" in prep:
                 continue
-            _log(f"\n-- cats-vs-dogs {title}")
+            common.log(f"\n-- cats-vs-dogs {title}")
             _attempt(
                 results, f"catsdogs_{key}", work_dir, train, f"catsdogs_{key}", data_dir, flags,
                 work_dir,
             )  # fmt: skip
 
     if "mnist" not in skip:
-        _log(f"\n== 2. mnist-10k, backbone {args.mnist_backbone} (unused by the models) ==")
+        common.log(f"\n== 2. mnist-10k, backbone {args.mnist_backbone} (unused by the models) ==")
         backbone = args.mnist_backbone
         if backbone == "standin":
             backbone = os.path.join(work_dir, "standin_backbone")
@@ -465,7 +388,7 @@ def main(argv=None) -> int:
                     [
                         sys.executable,
                         "-c",
-                        "import sys; from pipeline.sample import save_standin_backbone; "
+                        "import sys; from backbones.standin import save_standin_backbone; "
                         "save_standin_backbone(sys.argv[1])",
                         backbone,
                     ],
@@ -483,7 +406,7 @@ def main(argv=None) -> int:
         for model in MNIST_TARGETS:
             if model in skip or "error" in prep:
                 continue
-            _log(f"\n-- mnist --model {model} --image_size 28 --channels 1 (default epochs)")
+            common.log(f"\n-- mnist --model {model} --image_size 28 --channels 1 (default epochs)")
             flags = [f"--model={model}", "--image_size=28", "--channels=1"]
             _attempt(
                 results, f"mnist_{model}", work_dir, train, f"mnist_{model}", prep["output_dir"],
@@ -492,17 +415,17 @@ def main(argv=None) -> int:
 
     results["total_wall_s"] = round(time.perf_counter() - started, 1)
     results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
-    _save(results, work_dir)
-    _log("\n== summary ==")
-    _log(f"command: {command}")
-    _log(f"CPUs: {os.cpu_count()} (no GPU); total {results['total_wall_s']:.0f} s")
-    _log(_table(results))
-    _log(
+    common.write_json(os.path.join(work_dir, RESULTS_FILE), results)
+    common.log("\n== summary ==")
+    common.log(f"command: {command}")
+    common.log(f"CPUs: {machine['cpus']} (no GPU); total {results['total_wall_s']:.0f} s")
+    common.log(_table(results))
+    common.log(
         "wall/CPU s are per subprocess (imports, evaluation and export included); load = 1-min "
         "load average before the step. Shared machine: timings are noisy.\n"
         "(b) and (c) have no product target: '(>=)'/'(<)' compare them with the 0.98 of (a)."
     )
-    _log(f"results: {os.path.join(work_dir, RESULTS_FILE)}")
+    common.log(f"results: {os.path.join(work_dir, RESULTS_FILE)}")
     return 0
 
 

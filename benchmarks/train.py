@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/train.py [--work_dir DIR] [--data_dir DIR] [--skip head|image|scratch]
+    python -m benchmarks.train [--work_dir DIR] [--data_dir DIR] [--skip head|image|scratch]
                                [--models linear,dnn,cnn] [--image_subset 512]
 
 Method (one run prints every figure; all inputs are built offline and cached in ``--work_dir``):
@@ -12,36 +12,36 @@ Method (one run prints every figure; all inputs are built offline and cached in 
    exists, ``--rebuild`` remakes it):
 
    * *MNIST*: the real ``mnist-10k`` label CSV (10,000 28x28 digits) embedded with the small
-     random stand-in backbone of ``pipeline.sample`` (64 px -> 32-d). Used by parts 1 and 3.
+     random stand-in backbone of ``backbones.standin`` (64 px -> 32-d). Used by parts 1 and 3.
    * *cats-vs-dogs subset*: the first ``--image_subset`` / 2 files (sorted by name) of each class
      of ``cats-vs-dogs-2k/train`` copied into ``work_dir`` and fed with ``--image_dir``, embedded
-     with a random-weight MobileNetV2 at 224 px (``build_mobilenet_backbone`` of
-     ``benchmarks/preprocess.py``: the architecture and compute of the ``mobilenet_v2_100_224``
-     preset, 1280-d; random weights because there is no network). Used by parts 1 and 2.
+     with a random-weight MobileNetV2 at 224 px (``benchmarks.common.build_mobilenet_backbone``:
+     the architecture and compute of the ``mobilenet_v2_100_224`` preset, 1280-d; random weights
+     because there is no network). Used by parts 1 and 2.
 
-1. **Head throughput on embeddings.** The trainer's own building blocks
-   (``data.make_dataset`` with ``training=True``, ``data.embedding_normalization``,
-   ``models.embedding_head``, ``task._compile``, default embedding-mode config: batch 128, Adam,
-   dropout 0.2) are fitted with ``model.fit`` and a timing callback (wall and process-CPU time
-   from ``on_epoch_begin`` to ``on_epoch_end``), without validation, checkpoints or TensorBoard:
-   the training loop alone. The first epoch (tracing, shuffle-buffer fill) is dropped; the rest
-   give examples/s = examples / seconds summed over the steady epochs. Done on ``--data_dir``
-   (default: the MNIST stand-in dataset, 32-d) and on the 1280-d cats-vs-dogs embeddings; the
-   latter split is tiny, so its dataset is repeated (``.repeat()`` after batching, whole passes
-   per epoch) to get about 8,000 examples per timed epoch. For reference, the same input
-   pipeline is iterated alone (no model): when its rate is close to the fit rate, reading the
-   records (GZIP TFRecords that also hold the JPEG bytes) is the bottleneck, not the head.
-2. **Image-mode throughput.** Same approach with ``--features image`` (batch 32, frozen
-   MobileNetV2 via ``hub.KerasLayer`` + head, images decoded from the stored JPEGs every epoch),
-   without and with ``--augment`` (the augmenter built exactly as ``task.train`` builds it). Both
-   models are built first and then fitted one epoch per ``model.fit`` call, alternating between
-   the two (one warm-up epoch each, dropped, then ``--image_rounds`` rounds in ABBA order), so
-   that background load hits both alike. Reported per mode: images/s over the steady epochs and
-   of the fastest epoch, and process CPU ms per image (less sensitive to other load than wall
-   time). Overhead ratio = plain images/s / augmented images/s (1.00 = free), by each measure.
-   Reference figures on the same machine: the input pipeline alone (iterating the training
-   dataset, no model) and the backbone + head forward pass alone (``model(x, training=False)``
-   in a ``tf.function`` on a pre-made batch).
+1. **Head throughput on embeddings.** The trainer's own building blocks (``data.make_dataset`` with
+   ``training=True``, ``data.embedding_normalization``, ``models.embedding_head``,
+   ``models.compile_model``, default embedding-mode config: batch 128, Adam, dropout 0.2) are
+   fitted with ``model.fit`` and a timing callback (wall and process-CPU time from
+   ``on_epoch_begin`` to ``on_epoch_end``), without validation, checkpoints or TensorBoard: the
+   training loop alone. The first epoch (tracing, shuffle-buffer fill) is dropped; the rest give
+   examples/s = examples / seconds summed over the steady epochs. Done on ``--data_dir`` (default:
+   the MNIST stand-in dataset, 32-d) and on the 1280-d cats-vs-dogs embeddings; the latter split is
+   tiny, so its dataset is repeated (``.repeat()`` after batching, whole passes per epoch) to get
+   about 8,000 examples per timed epoch. For reference, the same input pipeline is iterated alone
+   (no model): when its rate is close to the fit rate, reading the records (GZIP TFRecords that
+   also hold the JPEG bytes) is the bottleneck, not the head.
+2. **Image-mode throughput.** Same approach with ``--features image`` (batch 32, frozen MobileNetV2
+   via ``hub.KerasLayer`` + head, images decoded from the stored JPEGs every epoch), without and
+   with ``--augment`` (``augment.trainer_augmenter``, as ``task.train`` builds it). Both models are
+   built first and then fitted one epoch per ``model.fit`` call, alternating between the two (one
+   warm-up epoch each, dropped, then ``--image_rounds`` rounds in ABBA order), so that background
+   load hits both alike. Reported per mode: images/s over the steady epochs and of the fastest
+   epoch, and process CPU ms per image (less sensitive to other load than wall time). Overhead
+   ratio = plain images/s / augmented images/s (1.00 = free), by each measure. Reference figures on
+   the same machine: the input pipeline alone (iterating the training dataset, no model) and the
+   backbone + head forward pass alone (``model(x, training=False)`` in a ``tf.function`` on a
+   pre-made batch).
 3. **Time to accuracy.** ``training.task.train(parse_config([...]))`` -- the whole job behind
    the CLI, with default epochs, batch size and early stopping (``--patience`` 5 on eval loss,
    best weights restored) -- for ``--model linear|dnn|cnn --image_size 28 --channels 1`` on the
@@ -68,26 +68,17 @@ from __future__ import annotations
 
 import argparse
 import glob
-import importlib.util
-import json
 import math
 import os
-import platform
 import shlex
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
-# As the packages do: Keras 2 for tf_keras / Hub models, before TensorFlow is imported.
-os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from benchmarks import common
+from benchmarks.common import SHARED_DATA, BenchmarkError
 
-SHARED_DATA = os.path.normpath(os.path.join(REPO_ROOT, "..", "shared", "data"))
 RESULTS_FILE = "train_benchmark.json"
 PARTS = ("head", "image", "scratch")
 SCRATCH_TARGETS = {"linear": 0.90, "dnn": 0.95, "cnn": 0.98}
@@ -95,79 +86,34 @@ WITHIN = 0.005  # "within 0.5 points" of the final eval accuracy
 HEAD_EXAMPLES_PER_EPOCH = 8000  # for the repeated 1280-d embedding set
 
 
-class BenchmarkError(RuntimeError):
-    """A preprocessing job failed or a dataset is unusable."""
-
-
-def _load() -> float:
-    return round(os.getloadavg()[0], 2)
-
-
-def _log(message: str) -> None:
-    print(message, flush=True)
-
-
 # ----------------------------------------------------------------------------------------------
 # Datasets (built with the real preprocessing job, cached)
 # ----------------------------------------------------------------------------------------------
 
 
-def _preprocess_benchmark_module():
-    """``benchmarks/preprocess.py`` loaded by path (it is a script, not a package module)."""
-    path = os.path.join(REPO_ROOT, "benchmarks", "preprocess.py")
-    spec = importlib.util.spec_from_file_location("hubflow_preprocess_benchmark", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-def run_job(args: list[str], log_path: str) -> float:
-    """Runs the preprocessing job in a subprocess; returns its wall time.
-
-    Raises:
-      BenchmarkError: the job exited non-zero (with the tail of its log).
-    """
-    command = [sys.executable, "-m", "pipeline.preprocess", *args, "--overwrite"]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO_ROOT, env.get("PYTHONPATH")]))
-    _log(f"  job: {shlex.join(command)}")
-    start = time.perf_counter()
-    with open(log_path, "wb") as log:
-        code = subprocess.call(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=log)
-    wall = time.perf_counter() - start
-    if code != 0:
-        with open(log_path, encoding="utf-8", errors="replace") as f:
-            tail = "".join(f.readlines()[-20:])
-        raise BenchmarkError(f"job exited {code}; log {log_path}:\n{tail}")
-    return wall
-
-
 def ensure_dataset(
     name: str, output_dir: str, job_args: list[str], work_dir: str, rebuild: bool
 ) -> dict:
-    """Builds ``output_dir`` with the job unless a manifest is already there."""
-    manifest_path = os.path.join(output_dir, "manifest.json")
+    """Builds ``output_dir`` with the job (in a subprocess, timed) unless a manifest is already
+    there."""
     info: dict = {"dir": output_dir}
-    if rebuild or not os.path.exists(manifest_path):
-        os.makedirs(os.path.join(work_dir, "logs"), exist_ok=True)
+    if rebuild or not os.path.exists(os.path.join(output_dir, common.MANIFEST_FILE)):
         log_path = os.path.join(work_dir, "logs", f"preprocess_{name}.log")
-        info["job_wall_s"] = run_job([*job_args, f"--output_dir={output_dir}"], log_path)
+        command = common.preprocess_command(*job_args, f"--output_dir={output_dir}", "--overwrite")
+        common.log(f"  job: {shlex.join(command)}")
+        info["job_wall_s"] = common.run_logged(command, log_path)["wall_s"]
         info["job_log"] = log_path
     else:
-        _log(f"  reusing {output_dir}")
-    with open(manifest_path, encoding="utf-8") as f:
-        manifest = json.load(f)
+        common.log(f"  reusing {output_dir}")
+    manifest = common.read_manifest(output_dir)
     info["rows"] = manifest["rows"]
-    info["splits"] = {split: v["count"] for split, v in manifest["splits"].items()}
+    info["splits"] = common.split_counts(manifest, output_dir)
     info["backbone"] = manifest["backbone"]
-    if min(info["splits"].values()) == 0:
-        raise BenchmarkError(f"{output_dir}: a split is empty: {info['splits']}")
     return info
 
 
 def build_mnist(args, work_dir: str) -> dict:
-    from pipeline.sample import save_standin_backbone
+    from backbones.standin import save_standin_backbone
 
     backbone = os.path.join(work_dir, "standin_backbone")
     if not os.path.isdir(backbone):
@@ -190,8 +136,7 @@ def build_catsdogs(args, work_dir: str) -> dict:
             os.makedirs(os.path.join(images, label), exist_ok=True)
             for n in names:
                 shutil.copyfile(os.path.join(folder, n), os.path.join(images, label, n))
-    backbone = os.path.join(work_dir, "backbone_mobilenet_v2_100_224_random")
-    _preprocess_benchmark_module().build_mobilenet_backbone(backbone)
+    backbone = common.build_mobilenet_backbone(os.path.join(work_dir, common.MOBILENET_DIR))
     job = [f"--image_dir={images}", f"--backbone={backbone}", *args.job_flag]
     return ensure_dataset(
         f"catsdogs_{args.image_subset}",
@@ -248,11 +193,11 @@ def _steady(timer, examples_per_epoch: int, unit: str) -> dict:
 
 def _setup(data_dir: str, flags: list[str]):
     """(config, manifest, train files, train count) as ``task.train`` derives them."""
-    from training import task
+    from training import data
     from training.config import parse_config
 
     config = parse_config(["--data_dir", data_dir, "--model_dir", "/nonexistent", *flags])
-    dataset = task.load_data(config)
+    dataset = data.load(config)
     return config, dataset.manifest, dataset.files["train"], dataset.counts["train"]
 
 
@@ -269,14 +214,14 @@ def head_throughput(data_dir: str, epochs: int, repeat_to: int = 0) -> dict:
     """examples/s of ``model.fit`` of the embedding head (steady epochs)."""
     import tf_keras
 
-    from training import data, task
+    from training import data, models
 
     config, manifest, files, count = _setup(data_dir, [])
     tf_keras.utils.set_random_seed(config.seed)
     steps = math.ceil(count / config.batch_size)
     passes = max(1, math.ceil(repeat_to / count)) if repeat_to else 1
     model = _head_model(config, manifest)
-    task._compile(model, config, len(manifest.labels), config.learning_rate, steps * epochs)
+    models.compile_model(model, config, len(manifest.labels), config.learning_rate, steps * epochs)
     dataset = data.make_dataset(files, manifest, config, training=True)
     fit_kwargs = {}
     if passes > 1:
@@ -286,7 +231,7 @@ def head_throughput(data_dir: str, epochs: int, repeat_to: int = 0) -> dict:
         dataset.take(steps * passes) if passes > 1 else dataset, count * passes
     )
     timer = _epoch_timer()
-    load = _load()
+    load = common.loadavg()
     model.fit(dataset, epochs=epochs, callbacks=[timer], verbose=0, **fit_kwargs)
     result = _steady(timer, count * passes, "examples")
     result["input_pipeline_examples_per_s"] = pipeline_rate
@@ -297,7 +242,7 @@ def head_throughput(data_dir: str, epochs: int, repeat_to: int = 0) -> dict:
         train_examples=count,
         passes_per_epoch=passes,
         loadavg_before=load,
-        loadavg_after=_load(),
+        loadavg_after=common.loadavg(),
     )
     return result
 
@@ -320,28 +265,16 @@ def _image_setup(data_dir: str, augment: bool) -> dict:
     import tf_keras
 
     from training import augment as augment_lib
-    from training import data, models, task
+    from training import data, models
 
     config, manifest, files, count = _setup(
         data_dir, ["--features", "image", *(["--augment"] if augment else [])]
     )
     tf_keras.utils.set_random_seed(config.seed)
-    augmenter = None
-    if config.augment:  # as task.train builds it
-        augmenter = augment_lib.make_augmenter(
-            augment_lib.AugmentConfig(
-                crop=config.crop,
-                flip=config.flip,
-                brightness=augment_lib.AugmentConfig.brightness if config.brightness else 0.0,
-                contrast=augment_lib.AugmentConfig.contrast if config.contrast else 0.0,
-                rotation=augment_lib.AugmentConfig.rotation if config.rotation else 0.0,
-                zoom=augment_lib.AugmentConfig.zoom if config.zoom else 0.0,
-            ),
-            seed=config.seed,
-        )
+    augmenter = augment_lib.trainer_augmenter(config)  # None without --augment, as task.train
     steps = math.ceil(count / config.batch_size)
     model = models.image_classifier(manifest.backbone, _head_model(config, manifest))
-    task._compile(model, config, len(manifest.labels), config.learning_rate, steps)
+    models.compile_model(model, config, len(manifest.labels), config.learning_rate, steps)
     dataset = data.make_dataset(files, manifest, config, training=True, augmenter=augmenter)
     return {
         "model": model,
@@ -371,13 +304,13 @@ def image_throughput(data_dir: str, rounds: int) -> dict:
             "train_examples": run["count"],
             "input_pipeline_images_per_s": _input_pipeline_rate(run["dataset"], run["count"]),
         }
-    load = _load()
+    load = common.loadavg()
     order = list(runs)
     for r in range(rounds + 1):
         for key in order if r % 2 == 0 else order[::-1]:
             run = runs[key]
             run["model"].fit(run["dataset"], epochs=1, callbacks=[run["timer"]], verbose=0)
-        _log(
+        common.log(
             f"  round {r}{' (warm-up)' if r == 0 else ''}: "
             + ", ".join(f"{k} {runs[k]['timer'].wall[-1]:.1f} s" for k in order)
         )
@@ -385,7 +318,7 @@ def image_throughput(data_dir: str, rounds: int) -> dict:
         results[key].update(_steady(run["timer"], run["count"], "images"))
         results[key]["best_epoch_images_per_s"] = run["count"] / min(run["timer"].wall[1:])
         results[key]["loadavg_before"] = load
-        results[key]["loadavg_after"] = _load()
+        results[key]["loadavg_after"] = common.loadavg()
 
     # The frozen backbone + head forward pass alone, on a pre-made batch.
     run = runs["plain"]
@@ -393,13 +326,8 @@ def image_throughput(data_dir: str, rounds: int) -> dict:
     size = run["manifest"].backbone.image_size
     batch = tf.random.stateless_uniform([batch_size, size, size, 3], seed=[1, 2])
     forward = tf.function(lambda x: model(x, training=False))
-    for _ in range(3):
-        forward(batch).numpy()
-    start, calls = time.perf_counter(), 0
-    while calls < 5 or time.perf_counter() - start < 10:
-        forward(batch).numpy()
-        calls += 1
-    results["forward_only_images_per_s"] = batch_size * calls / (time.perf_counter() - start)
+    calls, elapsed, _ = common.time_calls(forward, batch, seconds=10, warmup=3, min_calls=5)
+    results["forward_only_images_per_s"] = batch_size * calls / elapsed
     plain, aug = results["plain"], results["augment"]
     results["overhead"] = {
         "wall": plain["images_per_s"] / aug["images_per_s"],
@@ -430,7 +358,7 @@ def tensorboard_epoch_ends(log_dir: str) -> dict[int, float]:
 
 def time_to_accuracy(mnist_dir: str, model_name: str, work_dir: str) -> dict:
     """Runs ``task.train`` on MNIST from scratch; epochs, times and accuracy."""
-    from training import task
+    from training import checkpoints, task
     from training.config import parse_config
 
     model_dir = os.path.join(work_dir, "models", model_name)
@@ -443,7 +371,7 @@ def time_to_accuracy(mnist_dir: str, model_name: str, work_dir: str) -> dict:
         "--overwrite",
     ]  # fmt: skip
     config = parse_config(flags)
-    load = _load()
+    load = common.loadavg()
     cpu0, wall_start, start = time.process_time(), time.time(), time.perf_counter()
     result = task.train(config)
     wall = time.perf_counter() - start
@@ -455,7 +383,7 @@ def time_to_accuracy(mnist_dir: str, model_name: str, work_dir: str) -> dict:
     test = result.metrics["test"]["accuracy"]
     reached = next(k for k, acc in enumerate(val_acc) if abs(acc - final_eval) <= WITHIN)
     train_s = result.metrics["train_seconds"]
-    ends = tensorboard_epoch_ends(os.path.join(model_dir, "logs", task.STAGE_HEAD, "train"))
+    ends = tensorboard_epoch_ends(os.path.join(model_dir, "logs", checkpoints.STAGE_HEAD, "train"))
     if len(ends) == epochs:
         source = "tensorboard"
         epoch_end_s = [ends[k] - wall_start for k in range(epochs)]
@@ -484,7 +412,7 @@ def time_to_accuracy(mnist_dir: str, model_name: str, work_dir: str) -> dict:
         "train_call_s": wall,
         "cpu_utilisation": cpu / wall / (os.cpu_count() or 1),
         "loadavg_before": load,
-        "loadavg_after": _load(),
+        "loadavg_after": common.loadavg(),
     }
 
 
@@ -498,14 +426,7 @@ def _fmt(value, spec: str, width: int) -> str:
 
 
 def format_report(results: dict) -> str:
-    m = results["machine"]
-    lines = [
-        "=" * 100,
-        "hubflow training benchmark",
-        f"command : {results['command']}",
-        f"machine : {m['cpus']} CPUs (affinity {m['cpus_usable']}), {m['platform']}, "
-        f"TF {m.get('tensorflow', '?')}, load avg at start {m['loadavg_at_start']}",
-    ]
+    lines = common.report_header("hubflow training benchmark", results)
     for name, info in results.get("datasets", {}).items():
         job = f", job {info['job_wall_s']:.0f} s" if "job_wall_s" in info else " (cached)"
         lines.append(
@@ -575,7 +496,8 @@ def format_report(results: dict) -> str:
         for r in scratch:
             mark = "*" if r["epoch_time_source"] == "est" else ""
             lines.append(
-                f"  {r['model']:<7} {r['test_accuracy']:8.4f} {r['test_examples']:>5} {_fmt(r['target'], '.2f', 6)} "
+                f"  {r['model']:<7} {r['test_accuracy']:8.4f} {r['test_examples']:>5} "
+                f"{_fmt(r['target'], '.2f', 6)} "
                 f"{'yes' if r['meets_target'] else 'NO':>3} {r['final_eval_accuracy']:10.4f} "
                 f"{r['epochs']:>3}/{r['max_epochs']:<2} {r['best_epoch']:>4} "
                 f"{r['reached_epoch']:>8} {r['reached_s']:6.1f}{mark or ' '} "
@@ -597,7 +519,7 @@ def format_report(results: dict) -> str:
         "timings are wall clock on a shared machine (other jobs may have been running): compare",
         "the load and CPU% columns between rows before comparing rates",
         f"json    : {results['json']}",
-        "=" * 100,
+        common.REPORT_RULE,
     ]
     return "\n".join(lines)
 
@@ -645,18 +567,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="linear,dnn,cnn",
         help="from-scratch models for part 3 (comma-separated)",
     )
-    parser.add_argument(
-        "--job_flag", action="append", default=[], help="extra flag for the preprocessing job"
-    )
+    common.add_job_flag(parser, "the preprocessing job")
     parser.add_argument(
         "--rebuild", action="store_true", help="remake the cached datasets and image subset"
     )
     return parser
-
-
-def _write_json(results: dict) -> None:
-    with open(results["json"], "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=2, default=str)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -674,67 +589,57 @@ def main(argv: Sequence[str] | None = None) -> int:
     import tensorflow as tf
 
     results: dict = {
-        "command": shlex.join([sys.executable, *sys.argv]),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "cpus_usable": len(os.sched_getaffinity(0)),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "tensorflow": tf.__version__,
-            "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
-        },
+        "command": common.command_line(),
+        "machine": common.machine_info(tensorflow=tf.__version__),
         "json": os.path.join(work_dir, RESULTS_FILE),
         "datasets": {},
     }
     try:
-        _log("[0/3] datasets")
+        common.log("[0/3] datasets")
         need_mnist = "scratch" not in skip or ("head" not in skip and not args.data_dir)
         if need_mnist:
             results["datasets"]["mnist"] = build_mnist(args, work_dir)
         if "image" not in skip or "head" not in skip:
             results["datasets"]["catsdogs"] = build_catsdogs(args, work_dir)
-        _write_json(results)
+        common.write_json(results["json"], results)
 
         if "head" not in skip:
-            _log("[1/3] head training throughput on embeddings")
+            common.log("[1/3] head training throughput on embeddings")
             results["head"] = {}
             data_dir = args.data_dir or results["datasets"]["mnist"]["dir"]
             name = os.path.basename(os.path.normpath(data_dir))
             results["head"][name] = head_throughput(data_dir, args.head_epochs)
-            _log(f"  {name}: {results['head'][name]['examples_per_s']:.0f} examples/s")
+            common.log(f"  {name}: {results['head'][name]['examples_per_s']:.0f} examples/s")
             cd = results["datasets"]["catsdogs"]["dir"]
             name = f"{os.path.basename(cd)} (x repeat)"
             results["head"][name] = head_throughput(cd, args.head_epochs, HEAD_EXAMPLES_PER_EPOCH)
-            _log(f"  {name}: {results['head'][name]['examples_per_s']:.0f} examples/s")
-            _write_json(results)
+            common.log(f"  {name}: {results['head'][name]['examples_per_s']:.0f} examples/s")
+            common.write_json(results["json"], results)
 
         if "image" not in skip:
-            _log("[2/3] image-mode throughput")
+            common.log("[2/3] image-mode throughput")
             cd = results["datasets"]["catsdogs"]["dir"]
             results["image"] = image_throughput(cd, args.image_rounds)
             for key in ("plain", "augment"):
                 r = results["image"][key]
-                _log(f"  {key}: {r['images_per_s']:.1f} images/s, epochs {r['epoch_s']}")
-            _write_json(results)
+                common.log(f"  {key}: {r['images_per_s']:.1f} images/s, epochs {r['epoch_s']}")
+            common.write_json(results["json"], results)
 
         if "scratch" not in skip:
-            _log("[3/3] time to accuracy, MNIST-10k from scratch")
+            common.log("[3/3] time to accuracy, MNIST-10k from scratch")
             results["scratch"] = []
             for model_name in models:
                 r = time_to_accuracy(results["datasets"]["mnist"]["dir"], model_name, work_dir)
                 results["scratch"].append(r)
-                _log(
+                common.log(
                     f"  {model_name}: test {r['test_accuracy']:.4f}, {r['epochs']} epochs, "
                     f"reached final eval accuracy at epoch {r['reached_epoch']} "
                     f"({r['reached_s']:.1f} s), train() {r['train_call_s']:.1f} s"
                 )
-                _write_json(results)
+                common.write_json(results["json"], results)
     except BenchmarkError as e:
-        print(f"benchmark failed: {e}", file=sys.stderr)
-        results["error"] = str(e)
-        _write_json(results)
-        return 1
-    _write_json(results)
+        return common.fail(results, e)
+    common.write_json(results["json"], results)
     print(format_report(results))
     return 0
 

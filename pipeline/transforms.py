@@ -339,6 +339,12 @@ def _failed_batch_errors(element) -> Iterator[ErrorRecord]:
         )
 
 
+def encode_in_flight(batch_size: int) -> int:
+    """How many images ``Encode`` keeps queued or in work: enough to keep the pool busy while
+    the model runs a whole batch, few enough to bound memory."""
+    return 2 * batch_size + 16
+
+
 class EncodeAndEmbed(beam.PTransform):
     """Accepted rows -> per-split serialized examples, ``written`` events, raw embeddings."""
 
@@ -355,9 +361,12 @@ class EncodeAndEmbed(beam.PTransform):
         super().__init__()
         self._spec = spec
         self._batch_size = batch_size
-        # Enough images in flight to keep the pool busy while the model runs a whole batch.
         self._encode = EncodeFn(
-            spec.image_size, max_pixels, max_side, quality, max_in_flight=2 * batch_size + 16
+            spec.image_size,
+            max_pixels,
+            max_side,
+            quality,
+            max_in_flight=encode_in_flight(batch_size),
         )
         self._labels = labels
         self._total = total
