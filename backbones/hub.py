@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import tensorflow as tf
 
-from backbones.cache import local_handle
+from backbones.cache import UntrustedCacheError, local_handle
 from schemas.backbones import BackboneSpec
 
 _LOGGER = logging.getLogger(__name__)
@@ -85,6 +85,8 @@ def probe(spec: BackboneSpec) -> BackboneSpec:
     """
     try:
         module = _load_module(spec.handle)
+    except UntrustedCacheError:
+        raise  # already one line naming --backbone, the path and what to do
     except Exception as e:  # noqa: BLE001 - any loader failure is a user error to report
         raise ValueError(f"--backbone: cannot load {spec.handle!r}: {_first_line(e)}") from e
     size = spec.image_size or signature_image_size(module)

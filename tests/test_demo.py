@@ -44,8 +44,9 @@ def test_builtin_cache_never_exposes_a_half_written_entry(tmp_path, monkeypatch)
         cache.local_handle("hubflow-builtin://efficientnet_lite0")
     assert not os.path.exists(calls[0])  # nothing at the real path for others to load
 
-    def racing_build(name, path):  # another process renamed its copy in first
+    def racing_build(name, path):  # another process renamed and recorded its copy first
         os.makedirs(path)
+        cache.record(path)
         raise OSError("Directory not empty")
 
     monkeypatch.setattr(cache, "build_builtin", racing_build)
