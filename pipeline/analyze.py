@@ -50,11 +50,17 @@ def _metadata(spec):
     return dataset_metadata.DatasetMetadata(schema_utils.schema_from_feature_spec(spec))
 
 
-def _sorted_vocabulary(transform_fn_dir: str) -> list[str]:
+def _sorted_vocabulary(transform_fn_dir: str, num_labels: int | None = None) -> list[str]:
+    """The alphabetical labels of tf.Transform's vocabulary file; [] when no label was seen.
+
+    tf.Transform writes a placeholder token (a fixed UUID) as the vocabulary of an empty input,
+    so an all-rejected dataset is recognised from ``num_labels`` (the count of labels analysed),
+    not from the file.
+    """
     import tensorflow as tf
 
     path = f"{transform_fn_dir.rstrip('/')}/assets/{LABEL_VOCABULARY}"
-    if not tf.io.gfile.exists(path):  # no accepted row at all
+    if num_labels == 0 or not tf.io.gfile.exists(path):  # no accepted row at all
         return []
     with tf.io.gfile.GFile(path, "rb") as f:
         return sorted(line.decode("utf-8") for line in f.read().splitlines() if line)
@@ -82,7 +88,10 @@ class LabelVocabulary(beam.PTransform):
                 label_vocabulary_fn
             )
         saved_model_dir, _ = transform_fn
-        return saved_model_dir | "SortVocabulary" >> beam.Map(_sorted_vocabulary)
+        num_labels = labels | "CountLabels" >> beam.combiners.Count.Globally()
+        return saved_model_dir | "SortVocabulary" >> beam.Map(
+            _sorted_vocabulary, num_labels=beam.pvalue.AsSingleton(num_labels)
+        )
 
 
 class AnalyzeAndWriteTransformFn(beam.PTransform):

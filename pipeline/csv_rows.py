@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import re
 from collections.abc import Iterable, Iterator
 
 from apache_beam.io.filesystems import FileSystems
@@ -25,11 +26,17 @@ from pipeline.files import UriResolver
 from pipeline.records import Row
 from schemas.csv_format import COLUMNS, LABEL_COLUMN, SPLIT_COLUMN, SPLITS, URI_COLUMN
 from schemas.errors import BAD_ROW, STAGE_PARSE, ErrorRecord
+from schemas.manifest import parse_labels
 
 logger = logging.getLogger(__name__)
 
 _BOM = "\ufeff"
 _DEFAULT_COLUMNS = (URI_COLUMN, LABEL_COLUMN)
+# Labels are stored one per line (labels.txt, tf.Transform's vocabulary file) and read back with
+# str.splitlines, which also breaks at these characters; tf.Transform drops tokens with \n / \r.
+_LINE_BREAKS = "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"
+# Any C0/C1 control character (tab, NUL, DEL …) or line/paragraph separator.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 class _RowError(ValueError):
@@ -72,7 +79,8 @@ def parse_csv(source: str, text: str, *, require_label: bool = True) -> Iterator
     Yields:
       In file order, a ``Row`` per accepted data row and an ``ErrorRecord`` (stage ``"parse"``,
       category ``"bad_row"``) per malformed row: wrong column count, empty URI, empty label,
-      invalid split value, a repeated header, or a row the ``csv`` module cannot parse.
+      a label with a line break or another control character (:func:`label_problem`), invalid
+      split value, a repeated header, or a row the ``csv`` module cannot parse.
       ``line`` is the 1-based physical line where the row starts (a header is line 1) and
       ``row`` is the row's text as written, without its line terminator.
     """
@@ -105,6 +113,26 @@ def parse_csv(source: str, text: str, *, require_label: bool = True) -> Iterator
         except _RowError as err:
             record = _error(source, line, raw, err.uri, str(err))
         yield record
+
+
+def label_problem(label: str) -> str | None:
+    """Why ``label`` cannot be a label, or None when it can.
+
+    Labels are written one per line to ``labels.txt`` and to tf.Transform's vocabulary, so a
+    label with a line break (any character ``str.splitlines`` breaks at: LF, CR, VT, FF,
+    U+001C..U+001E, U+0085, U+2028, U+2029) would become two labels, or none, and crash the job
+    after every image was read. Other control characters (tab, NUL, DEL, C1) are refused too:
+    they are invisible in a summary or a confusion matrix and are always a data mistake.
+    """
+    found = _CONTROL.search(label)
+    if found is None:
+        return None
+    char = found.group()
+    what = "a line break" if char in _LINE_BREAKS else "a control character"
+    return (
+        f"label {label!r} contains {what} (U+{ord(char):04X}); labels are stored one per line "
+        "in labels.txt and must be printable text"
+    )
 
 
 def read_csv(path: str, *, require_label: bool = True) -> Iterator[Row | ErrorRecord]:
@@ -246,6 +274,9 @@ def _parse_row(
     label = values.get(LABEL_COLUMN, "")
     if not label and require_label:
         raise _RowError(f"empty {LABEL_COLUMN} for {uri}", uri)
+    problem = label_problem(label)
+    if problem is not None:
+        raise _RowError(problem, uri)
     split = values.get(SPLIT_COLUMN, "").lower() or None
     if split is not None and split not in SPLITS:
         raise _RowError(
@@ -268,3 +299,26 @@ def _decode_error_reason(data: bytes, err: UnicodeDecodeError) -> str:
         f"file is not UTF-8 text (byte 0x{bad} at offset {err.start}, line {line}); "
         "save it as UTF-8; none of its rows were read"
     )
+
+
+def read_label_dict(path: str) -> list[str]:
+    """The labels of a ``--label_dict`` file, in index order.
+
+    Raises:
+      ValueError: naming ``--label_dict`` when it cannot be read, is empty or repeats a label.
+    """
+    try:
+        with FileSystems.open(path) as f:
+            text = f.read().decode("utf-8-sig")
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"--label_dict: cannot read {path!r}: {e}") from e
+    labels = [label.strip() for label in parse_labels(text) if label.strip()]
+    if not labels:
+        raise ValueError(f"--label_dict: {path!r} holds no labels")
+    for label in labels:
+        if problem := label_problem(label):
+            raise ValueError(f"--label_dict: {path!r}: {problem}")
+    duplicates = sorted({x for x in labels if labels.count(x) > 1})
+    if duplicates:
+        raise ValueError(f"--label_dict: {path!r} lists {duplicates} more than once")
+    return labels

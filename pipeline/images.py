@@ -36,6 +36,11 @@ from schemas.errors import EMPTY_FILE, TOO_LARGE, UNDECODABLE
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_PIXELS = 89_478_485  # same as Pillow's default bomb threshold
+# Largest image file read (--max_file_bytes; larger files are rejected from a stat, unread).
+# Phone photos are 2-12 MB and 16-bit TIFF/RAW-derived scans ~50-100 MB: 64 MiB keeps every
+# photo and most scans (raise it for big scans) while a worker's reader threads hold at most
+# 64 MiB of file bytes each, instead of a whole multi-GB file.
+DEFAULT_MAX_FILE_BYTES = 64 << 20
 DEFAULT_JPEG_QUALITY = 95
 
 SUPPORTED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF")

@@ -116,16 +116,14 @@ class ReadSourcesFn(beam.DoFn):
 class ReadImageFn(beam.DoFn):
     """Row -> ``(row, bytes)`` for images the export can decode; others -> ``errors``."""
 
-    def __init__(self, max_pixels: int):
+    def __init__(self, max_pixels: int, *, max_file_bytes: int = images.DEFAULT_MAX_FILE_BYTES):
         self._max_pixels = max_pixels
+        self._max_file_bytes = files.check_max_bytes(max_file_bytes)
 
     def process(self, row: Row) -> Iterator:
-        try:
-            data = files.read_image_bytes(row.uri)
-        except Exception as e:  # noqa: BLE001
-            yield reject(
-                ErrorRecord.for_row(row, errors.STAGE_READ, errors.UNREADABLE, exception_reason(e))
-            )
+        data = files.read_row_image(row, self._max_file_bytes)  # regular files, size-capped
+        if isinstance(data, ErrorRecord):
+            yield reject(data)
             return
         try:
             images.validate(data, self._max_pixels)

@@ -89,21 +89,14 @@ class ParseRowsFn(beam.DoFn):
                 csv_rows.read_csv(path) if kind == SOURCE_CSV else files.list_image_dir(path)
             )
         except Exception as e:  # noqa: BLE001 - the source vanished after launch: report it
-            items = [
-                ErrorRecord(
-                    path,
-                    0,
-                    "",
-                    "",
-                    errors.STAGE_PARSE,
-                    f"cannot read: {exception_reason(e)}",
-                    errors.UNREADABLE,
-                )
-            ]
+            reason = f"cannot read: {exception_reason(e)}"
+            items = [ErrorRecord(path, 0, "", "", errors.STAGE_PARSE, reason, errors.UNREADABLE)]
         for item in items:
             self._read.inc()
             if isinstance(item, ErrorRecord):
                 yield reject(item)
+            elif problem := csv_rows.label_problem(item.label):  # a class folder's name
+                yield reject(ErrorRecord.for_row(item, errors.STAGE_PARSE, errors.BAD_ROW, problem))
             elif self._known is not None and item.label not in self._known:
                 yield reject(
                     ErrorRecord.for_row(
@@ -144,9 +137,16 @@ class HashAndValidateFn(ThreadedDoFn):
     Reading, hashing and decoding run on a thread pool (:class:`~pipeline.parallel.ThreadedDoFn`).
     """
 
-    def __init__(self, max_pixels: int, threads: int | None = None):
+    def __init__(
+        self,
+        max_pixels: int,
+        threads: int | None = None,
+        *,
+        max_file_bytes: int = images.DEFAULT_MAX_FILE_BYTES,
+    ):
         super().__init__(threads)
         self._max_pixels = max_pixels
+        self._max_file_bytes = files.check_max_bytes(max_file_bytes)
         self._progress = Progress("checked images")
         self._total: int | None = None
 
@@ -161,7 +161,7 @@ class HashAndValidateFn(ThreadedDoFn):
         yield from super().process(row, window, timestamp)
 
     def work(self, row: Row) -> str | ErrorRecord:
-        return hash_and_validate(row, self._max_pixels)
+        return hash_and_validate(row, self._max_pixels, max_file_bytes=self._max_file_bytes)
 
     def emit(self, row: Row, result: str | ErrorRecord) -> Iterator:
         self._progress.update(total=self._total)
@@ -171,12 +171,16 @@ class HashAndValidateFn(ThreadedDoFn):
             yield result, row
 
 
-def hash_and_validate(row: Row, max_pixels: int) -> str | ErrorRecord:
-    """The sha256 hex digest of a row's image, or why the row is rejected."""
-    try:
-        data = files.read_image_bytes(row.uri)
-    except Exception as e:  # noqa: BLE001 - any filesystem failure rejects this row
-        return ErrorRecord.for_row(row, errors.STAGE_READ, errors.UNREADABLE, exception_reason(e))
+def hash_and_validate(
+    row: Row, max_pixels: int, *, max_file_bytes: int = images.DEFAULT_MAX_FILE_BYTES
+) -> str | ErrorRecord:
+    """The sha256 hex digest of a row's image, or why the row is rejected.
+
+    Only a regular file of at most ``max_file_bytes`` bytes is read (see ``files``).
+    """
+    data = files.read_row_image(row, max_file_bytes)
+    if isinstance(data, ErrorRecord):
+        return data
     try:
         images.validate(data, max_pixels)
     except images.ImageError as e:
@@ -239,21 +243,21 @@ class EncodeFn(ThreadedDoFn):
         quality: int,
         threads: int | None = None,
         max_in_flight: int | None = None,
+        *,
+        max_file_bytes: int = images.DEFAULT_MAX_FILE_BYTES,
     ):
         super().__init__(threads, max_in_flight)
         self._image_size = image_size
         self._max_pixels = max_pixels
         self._max_side = max_side
         self._quality = quality
+        self._max_file_bytes = files.check_max_bytes(max_file_bytes)
 
     def work(self, accepted: Accepted) -> tuple[Encoded, np.ndarray] | ErrorRecord:
         row = accepted.row
-        try:
-            data = files.read_image_bytes(row.uri)
-        except Exception as e:  # noqa: BLE001
-            return ErrorRecord.for_row(
-                row, errors.STAGE_READ, errors.UNREADABLE, exception_reason(e)
-            )
+        data = files.read_row_image(row, self._max_file_bytes)
+        if isinstance(data, ErrorRecord):
+            return data
         if images.sha256_hex(data) != accepted.sha256:
             return ErrorRecord.for_row(
                 row,
@@ -357,6 +361,8 @@ class EncodeAndEmbed(beam.PTransform):
         quality: int,
         labels,
         total,
+        *,
+        max_file_bytes: int = images.DEFAULT_MAX_FILE_BYTES,
     ):
         super().__init__()
         self._spec = spec
@@ -367,6 +373,7 @@ class EncodeAndEmbed(beam.PTransform):
             max_side,
             quality,
             max_in_flight=encode_in_flight(batch_size),
+            max_file_bytes=max_file_bytes,
         )
         self._labels = labels
         self._total = total

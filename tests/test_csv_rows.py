@@ -103,13 +103,15 @@ def test_quoted_fields_with_commas_and_doubled_quotes():
 
 @pytest.mark.parametrize("eol", ["\r\n", "\r", "\n"], ids=["crlf", "cr", "lf"])
 def test_quoted_field_spanning_lines_keeps_start_line_and_raw_text(eol):
+    # A label cannot hold a line break (labels.txt has one label per line): the row is
+    # rejected, and both it and the next row keep their physical start lines.
     first = f'a.jpg,"two{eol}line{eol}label"'
     text = eol.join([HEADER, first, "b.jpg,x", ""])
-    records = only_rows(parse(text))
-    assert [(r.line, r.row, r.label) for r in records] == [
-        (2, first, f"two{eol}line{eol}label"),
-        (5, "b.jpg,x", "x"),
-    ]
+    error, row = parse(text)
+    assert isinstance(error, ErrorRecord) and isinstance(row, Row)
+    assert (error.line, error.row, error.uri) == (2, first, "/data/set/a.jpg")
+    assert "contains a line break" in error.reason
+    assert (row.line, row.row, row.label) == (5, "b.jpg,x", "x")
 
 
 def test_surrounding_blanks_of_every_cell_are_stripped():
@@ -129,9 +131,12 @@ def test_blank_lines_are_skipped_and_not_counted_as_rows():
 
 
 def test_whitespace_only_line_inside_quotes_is_part_of_the_field():
-    text = 'a.jpg,"x\n   \ny"\nb.jpg,z\n'
+    text = '"x\n   \ny.jpg",a\nb.jpg,z\n'
     records = only_rows(parse(text))
-    assert [(r.line, r.label) for r in records] == [(1, "x\n   \ny"), (4, "z")]
+    assert [(r.line, r.uri, r.label) for r in records] == [
+        (1, "/data/set/x\n   \ny.jpg", "a"),
+        (4, "/data/set/b.jpg", "z"),
+    ]
 
 
 # --- parse_csv: URI resolution ----------------------------------------------------------------
