@@ -19,6 +19,8 @@ REQUIRED = [
     "numpy>=1.26",
     "matplotlib>=3.8",
     "protobuf>=4.21,<7",
+    # Exclusive locks on output dirs (also a dependency of apache-beam).
+    "fasteners>=0.18",
 ]
 
 setuptools.setup(
@@ -29,7 +31,15 @@ setuptools.setup(
     packages=setuptools.find_packages(
         include=[
             f"{package}{suffix}"
-            for package in ("schemas", "backbones", "evaluation", "pipeline", "training", "demo")
+            for package in (
+                "schemas",
+                "backbones",
+                "evaluation",
+                "storage",
+                "pipeline",
+                "training",
+                "demo",
+            )
             for suffix in ("", ".*")
         ]
     ),

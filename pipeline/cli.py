@@ -1,4 +1,4 @@
-"""Command-line plumbing of the Beam jobs: typo'd flags, replacing old outputs, running."""
+"""Command-line plumbing of the Beam jobs: typo'd flags and running the pipeline."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import logging
 from collections.abc import Callable, Sequence
 
 import apache_beam as beam
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.runner import PipelineResult
 
@@ -21,13 +20,6 @@ def check_beam_flags(beam_args: Sequence[str]) -> None:
     unknown = unknown_flags(beam_args)
     if unknown:
         raise UsageError(f"unrecognized flag {unknown[0]} (see --help)")
-
-
-def delete_previous_outputs(paths: Sequence[str]) -> None:
-    """Deletes an earlier run's outputs (``--overwrite``), as the job's resolve step listed them."""
-    if paths:
-        _LOGGER.info("--overwrite: deleting %d outputs of an earlier run", len(paths))
-        FileSystems.delete(list(paths))
 
 
 def run_pipeline(

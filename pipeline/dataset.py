@@ -2,9 +2,10 @@
 
 The layout is the one in :mod:`schemas.manifest` and :mod:`schemas.features`: per-split TFRecord
 shards, ``errors-*.jsonl``, the tf.Transform outputs, ``labels.txt`` and ``manifest.json``.
-:func:`existing_outputs` names exactly those files, so a rerun with ``--overwrite`` replaces
-only what this job writes. The manifest is written after every other file, so a dataset with a
-manifest is complete.
+:func:`existing_outputs` names exactly those files (and the temp files the job's writers leave),
+so a rerun with ``--overwrite`` replaces only what this job writes. The job writes into a
+staging folder and publishes with the manifest last (:mod:`storage.staging`), so a dataset with
+a manifest is complete.
 """
 
 from __future__ import annotations
@@ -39,32 +40,49 @@ VERSIONED_PACKAGES = (
 )
 
 
-def existing_outputs(output_dir: str) -> list[str]:
-    """The files and folders of an earlier run's dataset in ``output_dir``."""
-    names = [manifest_lib.MANIFEST_FILE, manifest_lib.LABELS_FILE]
-    patterns = [FileSystems.join(output_dir, n) for n in names]
-    patterns += [
-        FileSystems.join(output_dir, features.tfrecord_pattern(s)) for s in csv_format.SPLITS
-    ]
-    patterns.append(FileSystems.join(output_dir, f"{manifest_lib.ERRORS_PREFIX}-*"))
+# Scratch space the job's writers leave next to their outputs while they run (Beam's sinks
+# write ``beam-temp-<prefix>-<uuid>/``; tf.Transform uses ``.tft_tmp``).
+BEAM_TEMP_PATTERN = "beam-temp-*"
+
+
+def _match(patterns: list[str]) -> list[str]:
     found = []
     for result in FileSystems.match(patterns):
         found += [m.path for m in result.metadata_list]
-    for path in (
-        FileSystems.join(output_dir, manifest_lib.TRANSFORM_FN_DIR),
-        FileSystems.join(output_dir, manifest_lib.TRANSFORMED_METADATA_DIR),
-        analyze.tft_temp_dir(output_dir),
-    ):
-        if FileSystems.exists(path):
-            found.append(path)
     return found
 
 
-def remove_temp_files(output_dir: str) -> None:
-    """Deletes the job's scratch space (tf.Transform's temp dir) after a run."""
-    temp = analyze.tft_temp_dir(output_dir)
-    if FileSystems.exists(temp):
-        FileSystems.delete([temp])
+def output_paths(directory: str) -> list[str]:
+    """The dataset files and folders present in ``directory`` (manifest, labels, shards,
+    errors, tf.Transform output): exactly what this job writes, nothing else."""
+    names = [manifest_lib.MANIFEST_FILE, manifest_lib.LABELS_FILE]
+    patterns = [FileSystems.join(directory, n) for n in names]
+    patterns += [
+        FileSystems.join(directory, features.tfrecord_pattern(s)) for s in csv_format.SPLITS
+    ]
+    patterns.append(FileSystems.join(directory, f"{manifest_lib.ERRORS_PREFIX}-*"))
+    found = _match(patterns)
+    for name in (manifest_lib.TRANSFORM_FN_DIR, manifest_lib.TRANSFORMED_METADATA_DIR):
+        if FileSystems.exists(FileSystems.join(directory, name)):
+            found.append(FileSystems.join(directory, name))
+    return found
+
+
+def output_names(directory: str) -> list[str]:
+    """:func:`output_paths` relative to ``directory``."""
+    return [path.rstrip("/").rsplit("/", 1)[-1] for path in output_paths(directory)]
+
+
+def existing_outputs(output_dir: str) -> list[str]:
+    """An earlier run's dataset in ``output_dir``, with the temp files its writers left.
+
+    This is everything ``--overwrite`` may delete; a user's other files in the dir are not in it.
+    """
+    found = output_paths(output_dir)
+    found += _match([FileSystems.join(output_dir, BEAM_TEMP_PATTERN)])
+    if FileSystems.exists(analyze.tft_temp_dir(output_dir)):
+        found.append(analyze.tft_temp_dir(output_dir))
+    return found
 
 
 def format_summary(manifest: manifest_lib.Manifest, output_dir: str) -> str:

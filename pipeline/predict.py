@@ -22,16 +22,18 @@ from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.runners.runner import PipelineResult
 
 from pipeline import files, images, prediction_report, scoring
-from pipeline.cli import check_beam_flags, delete_previous_outputs, run_pipeline
+from pipeline.cli import check_beam_flags, run_pipeline
+from pipeline.options import add_output_flags, check_inputs_outside
 from pipeline.records import ERRORS, SOURCE_CSV, SOURCE_PATTERN, error_to_json
 from schemas import manifest as manifest_lib
 from schemas import serving
 from schemas.cli import Parser, UsageError, configure_logging, positive_int, report_usage_error
+from storage import staging
+from storage.locks import DirLock
 
 _LOGGER = logging.getLogger(__name__)
 PROG = "hubflow-predict"
-PREDICTIONS_PREFIX = "predictions"
-ERRORS_PREFIX = "errors"
+VARIABLES_INDEX = "variables/variables.index"  # a SavedModel's weights; absent = unusable
 
 
 # ---------------------------------------------------------------------------------------------
@@ -48,8 +50,10 @@ class PredictConfig:
     output_dir: str
     batch_size: int
     max_image_pixels: int
+    max_file_bytes: int
     csv_output: bool
     overwrite: bool
+    break_lock: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +69,11 @@ class PredictJob:
     @property
     def output_dir(self) -> str:
         return self.config.output_dir
+
+    @property
+    def work_dir(self) -> str:
+        """Where the pipeline writes; published to ``output_dir`` when complete."""
+        return staging.staging_dir(self.config.output_dir)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,7 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive_int("--max_image_pixels"),
         default=images.DEFAULT_MAX_PIXELS,
     )
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument(
+        "--max_file_bytes",
+        type=positive_int("--max_file_bytes"),
+        default=images.DEFAULT_MAX_FILE_BYTES,
+    )
+    add_output_flags(p, "predictions")
     return p
 
 
@@ -139,27 +153,28 @@ def parse_config(argv: Sequence[str] | None = None) -> tuple[PredictConfig, list
         output_dir=files.absolute(args.output_dir),
         batch_size=args.batch_size,
         max_image_pixels=args.max_image_pixels,
+        max_file_bytes=args.max_file_bytes,
         csv_output=args.format == "csv",
         overwrite=args.overwrite,
+        break_lock=args.break_lock,
     )
     return config, beam_args
 
 
 def resolve(config: PredictConfig) -> PredictJob:
-    """Finds the export and its labels, lists the inputs and any earlier predictions.
-
-    Reads only; deletes nothing.
+    """Finds the export and its labels, lists the inputs, refuses an output dir that holds an
+    input (:func:`~pipeline.options.check_inputs_outside`). Reads only.
 
     Raises:
       UsageError: naming the flag whose value cannot be used.
     """
     model_dir = resolve_model_dir(config.model)
-    labels_path = FileSystems.join(model_dir, serving.LABELS_ASSET)
-    if not FileSystems.exists(labels_path):
-        raise UsageError(
-            f"--model: {model_dir} is not a hubflow export ({serving.LABELS_ASSET} missing)"
-        )
-    with FileSystems.open(labels_path) as f:
+    for required in (serving.LABELS_ASSET, VARIABLES_INDEX):
+        if not FileSystems.exists(FileSystems.join(model_dir, required)):
+            raise UsageError(
+                f"--model: {model_dir} is not a complete hubflow export ({required} missing)"
+            )
+    with FileSystems.open(FileSystems.join(model_dir, serving.LABELS_ASSET)) as f:
         labels = manifest_lib.parse_labels(f.read().decode("utf-8"))
     try:
         csvs = files.resolve_csv_patterns(config.input_csvs) if config.input_csvs else []
@@ -170,23 +185,34 @@ def resolve(config: PredictConfig) -> PredictJob:
         if not any(r.metadata_list for r in FileSystems.match([pattern])):
             raise UsageError(f"--input_pattern: no file matches {pattern!r}")
         sources.append((SOURCE_PATTERN, pattern))
-    output_dir = config.output_dir
-    previous: list[str] = []
-    if FileSystems.exists(FileSystems.join(output_dir, prediction_report.SUMMARY_FILE)):
-        if not config.overwrite:
-            raise UsageError(f"--output_dir: {output_dir} already holds predictions; --overwrite")
-        previous = [
-            m.path
-            for r in FileSystems.match([FileSystems.join(output_dir, "*")])
-            for m in r.metadata_list
-        ]
-    return PredictJob(config, model_dir, labels, sources, previous)
+    check_inputs_outside(
+        config.output_dir,
+        input_files=csvs,
+        input_dirs=[model_dir],
+        input_patterns=config.input_patterns,
+    )
+    return PredictJob(config, model_dir, labels, sources, [])
+
+
+def find_previous_outputs(job: PredictJob) -> PredictJob:
+    """The job with the earlier predictions in its output dir (call it holding the dir's lock).
+
+    Raises:
+      UsageError: predictions are there and ``--overwrite`` was not given.
+    """
+    previous = prediction_report.existing_outputs(job.output_dir)
+    if previous and not job.config.overwrite:
+        raise UsageError(
+            f"--output_dir: {job.output_dir} already holds predictions; pass --overwrite "
+            "to replace them (only them) or choose another directory"
+        )
+    return dataclasses.replace(job, previous_outputs=previous)
 
 
 def build_pipeline(p: beam.Pipeline, job: PredictJob) -> None:
     """Adds the whole job to ``p``."""
     config = job.config
-    out = job.output_dir
+    out = job.work_dir
     rows = (
         p
         | "Sources" >> beam.Create(job.sources)
@@ -196,7 +222,9 @@ def build_pipeline(p: beam.Pipeline, job: PredictJob) -> None:
         rows.rows
         | "Reshuffle" >> beam.Reshuffle()
         | "ReadImages"
-        >> beam.ParDo(scoring.ReadImageFn(config.max_image_pixels)).with_outputs(ERRORS, main="ok")
+        >> beam.ParDo(
+            scoring.ReadImageFn(config.max_image_pixels, max_file_bytes=config.max_file_bytes)
+        ).with_outputs(ERRORS, main="ok")
     )
     handler = KeyedModelHandler(
         scoring.ServingSignatureModelHandler(job.model_dir, config.batch_size)
@@ -214,12 +242,16 @@ def build_pipeline(p: beam.Pipeline, job: PredictJob) -> None:
         | "PredictionsToJson" >> beam.Map(lambda x: json.dumps(x, ensure_ascii=False))
         | "WritePredictions"
         >> beam.io.WriteToText(
-            FileSystems.join(out, PREDICTIONS_PREFIX), file_name_suffix=".jsonl"
+            FileSystems.join(out, prediction_report.PREDICTIONS_PREFIX),
+            file_name_suffix=prediction_report.PREDICTIONS_SUFFIX,
         ),
         errors
         | "ErrorsToJson" >> beam.Map(error_to_json)
         | "WriteErrors"
-        >> beam.io.WriteToText(FileSystems.join(out, ERRORS_PREFIX), file_name_suffix=".jsonl"),
+        >> beam.io.WriteToText(
+            FileSystems.join(out, manifest_lib.ERRORS_PREFIX),
+            file_name_suffix=manifest_lib.ERRORS_SUFFIX,
+        ),
     ]
     if config.csv_output:
         files.append(
@@ -227,7 +259,7 @@ def build_pipeline(p: beam.Pipeline, job: PredictJob) -> None:
             | "ToCsv" >> beam.Map(scoring.prediction_csv_line)
             | "WriteCsv"
             >> beam.io.WriteToText(
-                FileSystems.join(out, f"{PREDICTIONS_PREFIX}.csv"),
+                FileSystems.join(out, prediction_report.PREDICTIONS_CSV),
                 num_shards=1,
                 shard_name_template="",
                 header=scoring.PREDICTIONS_CSV_HEADER,
@@ -267,14 +299,26 @@ def run(argv: Sequence[str] | None = None, test_pipeline=None) -> PipelineResult
 
 
 def run_config(config: PredictConfig, beam_args, test_pipeline=None) -> PipelineResult:
-    """Resolves the config, replaces earlier predictions, builds the job and runs it.
+    """Runs the job for a parsed config, holding the output dir's lock throughout.
+
+    The pipeline writes into a staging folder; earlier predictions (``--overwrite``) are
+    replaced only once the new ones are complete.
 
     Raises:
-      UsageError: on misuse (from :func:`resolve`), before the pipeline starts.
+      UsageError: on misuse, before the pipeline starts.
     """
     job = resolve(config)
-    delete_previous_outputs(job.previous_outputs)
-    return run_pipeline(lambda p: build_pipeline(p, job), beam_args, test_pipeline)
+    with DirLock(config.output_dir, PROG, "--output_dir", config.break_lock):
+        job = find_previous_outputs(job)
+        staging.reset(job.output_dir)
+        result = run_pipeline(lambda p: build_pipeline(p, job), beam_args, test_pipeline)
+        new = prediction_report.output_names(job.work_dir)
+        marker = prediction_report.SUMMARY_FILE
+        if marker in new:
+            staging.publish(job.output_dir, new, job.previous_outputs, marker=marker)
+        else:
+            _LOGGER.warning("the job wrote no %s; %s was left as it was", marker, job.output_dir)
+    return result
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -14,10 +14,44 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from evaluation.metrics import confusion_report
+from schemas import manifest as manifest_lib
 
-SUMMARY_FILE = "summary.json"
+PREDICTIONS_PREFIX = "predictions"
+PREDICTIONS_SUFFIX = ".jsonl"
+PREDICTIONS_CSV = "predictions.csv"
+SUMMARY_FILE = "summary.json"  # written last: its presence says the predictions are complete
 METRICS_FILE = "metrics.json"
 CONFUSION_PNG = "confusion_matrix.png"
+# What Beam's text sinks leave while they run.
+BEAM_TEMP_PATTERN = "beam-temp-*"
+
+
+def output_paths(directory: str) -> list[str]:
+    """The prediction outputs present in ``directory``: exactly what this job writes."""
+    patterns = [
+        f"{PREDICTIONS_PREFIX}-*{PREDICTIONS_SUFFIX}",
+        f"{manifest_lib.ERRORS_PREFIX}-*{manifest_lib.ERRORS_SUFFIX}",
+        PREDICTIONS_CSV,
+        SUMMARY_FILE,
+        METRICS_FILE,
+        CONFUSION_PNG,
+    ]
+    return _match([FileSystems.join(directory, p) for p in patterns])
+
+
+def output_names(directory: str) -> list[str]:
+    """:func:`output_paths` relative to ``directory``."""
+    return [path.rstrip("/").rsplit("/", 1)[-1] for path in output_paths(directory)]
+
+
+def existing_outputs(output_dir: str) -> list[str]:
+    """Earlier predictions in ``output_dir`` and their writers' temp files: all ``--overwrite``
+    may delete. The user's other files there (the input CSV, notes, images) are never listed."""
+    return output_paths(output_dir) + _match([FileSystems.join(output_dir, BEAM_TEMP_PATTERN)])
+
+
+def _match(patterns: list[str]) -> list[str]:
+    return [m.path for r in FileSystems.match(patterns) for m in r.metadata_list]
 
 
 def summarize(

@@ -19,8 +19,9 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.runners.runner import PipelineResult
 
 from backbones import hub, registry
-from pipeline import analyze, dataset, files, images, sinks, transforms
-from pipeline.cli import check_beam_flags, delete_previous_outputs, run_pipeline
+from pipeline import analyze, csv_rows, dataset, files, images, sinks, transforms
+from pipeline.cli import check_beam_flags, run_pipeline
+from pipeline.options import add_output_flags, check_inputs_outside, recorded_options
 from pipeline.records import ERRORS, error_to_json
 from schemas import csv_format
 from schemas import manifest as manifest_lib
@@ -33,6 +34,8 @@ from schemas.cli import (
     positive_int,
     report_usage_error,
 )
+from storage import staging
+from storage.locks import DirLock
 
 _LOGGER = logging.getLogger(__name__)
 PROG = "hubflow-preprocess"
@@ -97,10 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="reject larger images without decoding them (decompression bombs)",
     )
     parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace the outputs of an earlier run in --output_dir",
+        "--max_file_bytes",
+        type=positive_int("--max_file_bytes"),
+        default=images.DEFAULT_MAX_FILE_BYTES,
+        help="reject larger image files unread (default 64 MiB)",
     )
+    add_output_flags(parser, "dataset")
     return parser
 
 
@@ -120,18 +125,27 @@ class Config:
     jpeg_quality: int
     max_image_side: int | None
     max_image_pixels: int
+    max_file_bytes: int
     overwrite: bool
+    break_lock: bool
     options: dict
 
 
 @dataclasses.dataclass(frozen=True)
-class Job:
-    """What :func:`resolve` found for a config: inputs listed, labels read, backbone probed."""
+class Inputs:
+    """The listed inputs: CSV files, image folders, and the ``--label_dict`` labels."""
 
-    config: Config
     csv_paths: list[str]
     image_dirs: list[str]
     label_dict: list[str] | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """A resolved run: its inputs, the probed backbone and what an earlier run left."""
+
+    config: Config
+    inputs: Inputs
     backbone: BackboneSpec
     previous_outputs: list[str]
 
@@ -139,26 +153,16 @@ class Job:
     def output_dir(self) -> str:
         return self.config.output_dir
 
-
-def _read_label_dict(path: str) -> list[str]:
-    try:
-        with FileSystems.open(path) as f:
-            text = f.read().decode("utf-8-sig")
-    except Exception as e:  # noqa: BLE001
-        raise UsageError(f"--label_dict: cannot read {path!r}: {e}") from e
-    labels = [label.strip() for label in manifest_lib.parse_labels(text) if label.strip()]
-    if not labels:
-        raise UsageError(f"--label_dict: {path!r} holds no labels")
-    duplicates = sorted({x for x in labels if labels.count(x) > 1})
-    if duplicates:
-        raise UsageError(f"--label_dict: {path!r} lists {duplicates} more than once")
-    return labels
+    @property
+    def work_dir(self) -> str:
+        """Where the pipeline writes; published to ``output_dir`` when complete."""
+        return staging.staging_dir(self.config.output_dir)
 
 
 def parse_config(argv: Sequence[str] | None = None) -> tuple[Config, list[str]]:
     """Parses and checks the app flags; returns the config and the remaining Beam flags.
 
-    Only parses: nothing is listed, read, loaded or deleted here (see :func:`resolve`).
+    Only parses: nothing is listed, read, loaded or deleted here (see :func:`run_config`).
 
     Raises:
       UsageError: naming the offending flag.
@@ -173,8 +177,6 @@ def parse_config(argv: Sequence[str] | None = None) -> tuple[Config, list[str]]:
         raise UsageError("--eval_fraction + --test_fraction must leave some data for training")
     if args.jpeg_quality > 100:
         raise UsageError(f"--jpeg_quality must be in 1..100, got {args.jpeg_quality}")
-    options = {k: v for k, v in vars(args).items()}
-    options["beam_args"] = list(beam_args)
     config = Config(
         input_csvs=list(args.input_csv),
         image_dirs=list(args.image_dir),
@@ -188,16 +190,16 @@ def parse_config(argv: Sequence[str] | None = None) -> tuple[Config, list[str]]:
         jpeg_quality=args.jpeg_quality,
         max_image_side=args.max_image_side,
         max_image_pixels=args.max_image_pixels,
+        max_file_bytes=args.max_file_bytes,
         overwrite=args.overwrite,
-        options=options,
+        break_lock=args.break_lock,
+        options=recorded_options(args, beam_args),
     )
     return config, beam_args
 
 
-def resolve(config: Config) -> Job:
-    """Lists the inputs, reads ``--label_dict``, probes the backbone and finds earlier outputs.
-
-    Reads only; deletes nothing.
+def resolve_inputs(config: Config) -> Inputs:
+    """Lists the inputs and reads ``--label_dict``; refuses an output dir that holds an input.
 
     Raises:
       UsageError: naming the flag whose value cannot be used.
@@ -208,7 +210,26 @@ def resolve(config: Config) -> Job:
             next(iter(files.list_image_dir(image_dir)), None)  # raises on a missing dir
     except ValueError as e:
         raise UsageError(str(e)) from e
-    label_dict = _read_label_dict(config.label_dict) if config.label_dict else None
+    image_dirs = [files.absolute(d) for d in config.image_dirs]
+    try:
+        label_dict = csv_rows.read_label_dict(config.label_dict) if config.label_dict else None
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    check_inputs_outside(
+        config.output_dir,
+        input_files=csv_paths + ([files.absolute(config.label_dict)] if config.label_dict else []),
+        input_dirs=image_dirs,
+    )
+    return Inputs(csv_paths, image_dirs, label_dict)
+
+
+def resolve(config: Config, inputs: Inputs) -> Job:
+    """Finds an earlier run's dataset and probes the backbone (under the output dir's lock).
+
+    Raises:
+      UsageError: a dataset is there and ``--overwrite`` was not given, or the backbone
+        cannot be used.
+    """
     previous = dataset.existing_outputs(config.output_dir)
     if previous and not config.overwrite:
         raise UsageError(
@@ -219,20 +240,19 @@ def resolve(config: Config) -> Job:
         spec = hub.probe(registry.resolve(config.backbone, config.image_size))
     except ValueError as e:
         raise UsageError(str(e)) from e
-    image_dirs = [files.absolute(d) for d in config.image_dirs]
-    return Job(config, csv_paths, image_dirs, label_dict, spec, previous)
+    return Job(config, inputs, spec, previous)
 
 
 def build_pipeline(p: beam.Pipeline, job: Job) -> None:
     """Adds the whole job to ``p``."""
-    config = job.config
-    out = job.output_dir
+    config, inputs = job.config, job.inputs
+    out = job.work_dir
     rows, parse_errors = p | "ReadRows" >> transforms.ReadRows(
-        job.csv_paths, job.image_dirs, job.label_dict
+        inputs.csv_paths, inputs.image_dirs, inputs.label_dict
     )
     total_rows = rows | "CountRows" >> beam.combiners.Count.Globally()
     hashed = rows | "HashAndValidate" >> beam.ParDo(
-        transforms.HashAndValidateFn(config.max_image_pixels),
+        transforms.HashAndValidateFn(config.max_image_pixels, max_file_bytes=config.max_file_bytes),
         total=beam.pvalue.AsSingleton(total_rows),
     ).with_outputs(ERRORS, main="ok")
     resolved = (
@@ -244,8 +264,8 @@ def build_pipeline(p: beam.Pipeline, job: Job) -> None:
         ).with_outputs(ERRORS, transforms.DUPLICATES, main="accepted")
     )
     accepted = resolved.accepted
-    if job.label_dict is not None:
-        labels = p | "LabelDict" >> beam.Create([list(job.label_dict)])
+    if inputs.label_dict is not None:
+        labels = p | "LabelDict" >> beam.Create([list(inputs.label_dict)])
     else:
         labels = (
             accepted
@@ -261,6 +281,7 @@ def build_pipeline(p: beam.Pipeline, job: Job) -> None:
         config.jpeg_quality,
         labels,
         total_accepted,
+        max_file_bytes=config.max_file_bytes,
     )
 
     written_files = []
@@ -332,15 +353,26 @@ def run(argv: Sequence[str] | None = None, test_pipeline=None) -> PipelineResult
 
 
 def run_config(config: Config, beam_args: Sequence[str], test_pipeline=None) -> PipelineResult:
-    """Resolves the config, replaces an earlier run's outputs, builds the job and runs it.
+    """Runs the job for a parsed config, holding the output dir's lock throughout.
+
+    The pipeline writes into a staging folder; the earlier dataset (``--overwrite``) is
+    replaced only once the new one is complete, so a failed run leaves it as it was.
 
     Raises:
-      UsageError: on misuse (from :func:`resolve`), before the pipeline starts.
+      UsageError: on misuse, before the pipeline starts.
     """
-    job = resolve(config)
-    delete_previous_outputs(job.previous_outputs)
-    result = run_pipeline(lambda p: build_pipeline(p, job), beam_args, test_pipeline)
-    dataset.remove_temp_files(job.output_dir)
+    inputs = resolve_inputs(config)
+    with DirLock(config.output_dir, PROG, "--output_dir", config.break_lock):
+        job = resolve(config, inputs)
+        staging.reset(job.output_dir)
+        result = run_pipeline(lambda p: build_pipeline(p, job), beam_args, test_pipeline)
+        new = dataset.output_names(job.work_dir)
+        if manifest_lib.MANIFEST_FILE in new:
+            staging.publish(
+                job.output_dir, new, job.previous_outputs, marker=manifest_lib.MANIFEST_FILE
+            )
+        else:
+            _LOGGER.warning("the job wrote no manifest; %s was left as it was", job.output_dir)
     return result
 
 

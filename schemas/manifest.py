@@ -112,4 +112,9 @@ def read_manifest(data_dir: str) -> Manifest:
     if not tf.io.gfile.exists(path):
         raise ValueError(f"{path} not found: is {data_dir} a hubflow-preprocess output dir?")
     with tf.io.gfile.GFile(path, "r") as f:
-        return Manifest.from_json(json.load(f))
+        text = f.read()
+    try:
+        return Manifest.from_json(json.loads(text))
+    except (ValueError, KeyError, TypeError) as e:
+        what = f"missing field {e}" if isinstance(e, KeyError) else str(e)
+        raise ValueError(f"{path} is not a valid hubflow manifest ({what})") from None

@@ -1,8 +1,8 @@
 """The architecture's invariants: imports run one way, and nothing private crosses a module.
 
-Layers, bottom to top: ``schemas`` (the contract) <- ``backbones``, ``evaluation`` (shared) <-
-``pipeline``, ``training`` (never each other) <- ``demo`` <- ``benchmarks``. Every import of a
-hubflow package is checked, including imports inside functions.
+Layers, bottom to top: ``schemas`` (the contract) <- ``backbones``, ``evaluation``, ``storage``
+(shared) <- ``pipeline``, ``training`` (never each other) <- ``demo`` <- ``benchmarks``. Every
+import of a hubflow package is checked, including imports inside functions.
 """
 
 from __future__ import annotations
@@ -15,14 +15,16 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # Package -> the hubflow packages it may import (besides itself).
+SHARED = {"schemas", "backbones", "evaluation", "storage"}
 ALLOWED = {
     "schemas": set(),
     "backbones": {"schemas"},
     "evaluation": {"schemas"},
-    "pipeline": {"schemas", "backbones", "evaluation"},
-    "training": {"schemas", "backbones", "evaluation"},
-    "demo": {"schemas", "backbones", "evaluation", "pipeline", "training"},
-    "benchmarks": {"schemas", "backbones", "evaluation", "pipeline", "training", "demo"},
+    "storage": {"schemas"},
+    "pipeline": SHARED,
+    "training": SHARED,
+    "demo": SHARED | {"pipeline", "training"},
+    "benchmarks": SHARED | {"pipeline", "training", "demo"},
 }
 PACKAGES = set(ALLOWED)
 

@@ -184,3 +184,63 @@ def test_misuse(capsys, tmp_path, trained):
         == 2
     )
     assert "--input_pattern" in capsys.readouterr().err
+
+
+def test_overwrite_replaces_only_the_predictions_and_never_an_input(trained, tmp_path, capsys):
+    root, files, model_dir = trained
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "score.csv").write_text("".join(f"{root / p},daisy\n" for p in files["daisy"][:3]))
+    (proj / "NOTES.txt").write_text("mine")
+    model = f"--model={model_dir}/export"
+
+    # an output dir that holds the input CSV, or the images a pattern reads, is refused
+    assert predict.main([model, f"--input_csv={proj}/score.csv", f"--output_dir={proj}"]) == 2
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith(f"holds the input {proj}/score.csv; choose another")
+    )
+    images = tmp_path / "imgs"
+    images.mkdir()
+    (images / "a.jpg").write_bytes((root / files["rose"][0]).read_bytes())
+    assert predict.main([model, f"--input_pattern={images}/*.jpg", f"--output_dir={images}"]) == 2
+    assert "overlaps the input pattern" in capsys.readouterr().err
+    assert sorted(os.listdir(proj)) == ["NOTES.txt", "score.csv"]
+    assert os.listdir(images) == ["a.jpg"]
+
+    out = proj / "out"
+    out.mkdir()
+    (out / "NOTES.txt").write_text("also mine")
+    argv = [model, f"--input_csv={proj}/score.csv", f"--output_dir={out}"]
+    assert predict.main(argv) == 0
+    assert predict.main(argv) == 2  # predictions are there: not without --overwrite
+    assert "--overwrite" in capsys.readouterr().err
+    assert predict.main([*argv, "--overwrite", "--format=csv"]) == 0
+    assert (out / "NOTES.txt").read_text() == "also mine"
+    assert (proj / "score.csv").exists() and (proj / "NOTES.txt").read_text() == "mine"
+    assert sorted(n for n in os.listdir(out) if not n.startswith(".hubflow.lock")) == [
+        "NOTES.txt",
+        "confusion_matrix.png",
+        "errors-00000-of-00001.jsonl",
+        "metrics.json",
+        "predictions-00000-of-00001.jsonl",
+        "predictions.csv",
+        "summary.json",
+    ]
+
+
+def test_an_export_without_its_variables_is_refused_in_one_line(trained, tmp_path, capsys):
+    import shutil
+
+    _, _, model_dir = trained
+    broken = tmp_path / "export" / "1"
+    shutil.copytree(f"{model_dir}/export/1", broken)
+    shutil.rmtree(broken / "variables")
+    argv = [f"--model={broken}", f"--input_pattern={tmp_path}/*", f"--output_dir={tmp_path}/o"]
+    assert predict.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"hubflow-predict: error: --model: {broken} is not a complete hubflow export "
+        "(variables/variables.index missing)"
+    )
