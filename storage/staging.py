@@ -8,29 +8,25 @@ in an order that keeps the dir honest at every step: the old completion marker (
 new marker moves last. A reader that finds the marker finds a complete set.
 
 Only paths the caller's output layout names are deleted; files of the user's that happen to be
-in the dir are never touched. Works on any TensorFlow filesystem (local, ``gs://``, ``ram://``);
-on ``gs://`` a move is a server-side copy and delete.
+in the dir are never touched. Works on any TensorFlow filesystem (:mod:`storage.fileops`).
 """
 
 from __future__ import annotations
 
 import logging
-import posixpath
 from collections.abc import Sequence
 
 import tensorflow as tf
+
+from storage.fileops import delete, join, move
 
 _LOGGER = logging.getLogger(__name__)
 STAGING_DIR = ".hubflow-staging"
 
 
-def _join(*parts: str) -> str:
-    return posixpath.join(parts[0].rstrip("/"), *parts[1:])
-
-
 def staging_dir(output_dir: str) -> str:
     """Where a run of the job writes before :func:`publish`."""
-    return _join(output_dir, STAGING_DIR)
+    return join(output_dir, STAGING_DIR)
 
 
 def reset(output_dir: str) -> str:
@@ -41,27 +37,6 @@ def reset(output_dir: str) -> str:
         tf.io.gfile.rmtree(path)
     tf.io.gfile.makedirs(path)
     return path
-
-
-def _delete(path: str) -> None:
-    if tf.io.gfile.isdir(path):
-        tf.io.gfile.rmtree(path)
-    elif tf.io.gfile.exists(path):
-        tf.io.gfile.remove(path)
-
-
-def _move(source: str, target: str) -> None:
-    """Moves a file, or a folder file by file (a GCS "folder" cannot be renamed at once)."""
-    if not tf.io.gfile.isdir(source):
-        tf.io.gfile.rename(source, target, overwrite=True)
-        return
-    for root, _, names in tf.io.gfile.walk(source):
-        relative = posixpath.relpath(root, source) if root != source else ""
-        folder = _join(target, relative) if relative else target
-        tf.io.gfile.makedirs(folder)
-        for name in names:
-            tf.io.gfile.rename(_join(root, name), _join(folder, name), overwrite=True)
-    tf.io.gfile.rmtree(source)
 
 
 def publish(
@@ -82,13 +57,13 @@ def publish(
     staging = staging_dir(output_dir)
     if marker not in new_outputs:
         raise RuntimeError(f"{staging} holds no {marker}: the run did not complete")
-    old_marker = _join(output_dir, marker)
-    _delete(old_marker)
+    old_marker = join(output_dir, marker)
+    delete(old_marker)
     for path in old_outputs:
         if path.rstrip("/") != old_marker:
-            _delete(path)
+            delete(path)
     for name in sorted(set(new_outputs) - {marker}):
-        _move(_join(staging, name), _join(output_dir, name))
-    _move(_join(staging, marker), old_marker)
+        move(join(staging, name), join(output_dir, name))
+    move(join(staging, marker), old_marker)
     tf.io.gfile.rmtree(staging)
     _LOGGER.info("published %d outputs to %s", len(new_outputs), output_dir)

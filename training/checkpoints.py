@@ -4,8 +4,9 @@ A run trains in stages (the head, then optionally fine-tuning). Each stage write
 checkpoints under ``checkpoints/<stage>/``; when it ends (all epochs, or early stopping with the
 best weights restored) its final weights and a ``state.json`` are saved, so rerunning the same
 command does not train again but evaluates and exports the same model, and a larger ``--epochs``
-continues training. ``config.json`` records the options a checkpoint was trained with; a rerun
-whose model-shaping options differ is refused.
+continues training. ``config.json`` records the options a checkpoint was trained with and the
+identity of its data (:func:`training.data.fingerprint`); a rerun whose model-shaping options or
+data differ is refused before anything in the model dir changes.
 """
 
 from __future__ import annotations
@@ -21,12 +22,11 @@ import tf_keras
 
 from schemas.cli import UsageError
 from training.config import TrainConfig
+from training.data import Dataset
+from training.layout import CHECKPOINT_DIR, CONFIG_FILE, LOGS_DIR
 
 _LOGGER = logging.getLogger(__name__)
-CONFIG_FILE = "config.json"
-HISTORY_FILE = "history.json"
-CHECKPOINT_DIR = "checkpoints"
-LOGS_DIR = "logs"
+DATA_FINGERPRINT = "data_fingerprint"
 STAGE_HEAD, STAGE_FINE_TUNE = "stage1", "stage2"
 # Options that change the model's shape: a resumed run must match the checkpoint on these.
 ARCHITECTURE_KEYS = (
@@ -54,27 +54,91 @@ def write_json(path: str, value: Any) -> None:
         f.write(json.dumps(value, indent=2))
 
 
-def prepare_model_dir(config: TrainConfig) -> bool:
-    """Creates the model dir (emptied first with ``--overwrite``); True when a run is resumed.
+def run_record(config: TrainConfig, dataset: Dataset) -> dict[str, Any]:
+    """What ``config.json`` records: the options, and the data (labels, backbone, counts, hash)."""
+    return {
+        "train": config.to_json(),
+        "labels": dataset.manifest.labels,
+        "backbone": dataset.manifest.backbone.to_json(),
+        "data_counts": dataset.counts,
+        DATA_FINGERPRINT: dataset.fingerprint,
+    }
+
+
+def check_model_dir(config: TrainConfig, dataset: Dataset) -> bool:
+    """Checks, changing nothing, that this run may use ``--model_dir``; True when it resumes.
+
+    With ``--overwrite`` only the path is checked. A model dir whose ``config.json`` predates
+    data fingerprints is resumed, with a warning, when its labels, backbone and split counts
+    match: those catch relabelled or re-split data, and refusing would throw away a possibly
+    long training; the fingerprint is recorded from then on.
 
     Raises:
-      UsageError: the dir holds a model trained with other model-shaping options.
+      UsageError: the path is a file; the dir holds checkpoints without ``config.json``, an
+        unreadable ``config.json``, or a model trained with other model-shaping options or on
+        other data.
     """
-    path = os.path.join(config.model_dir, CONFIG_FILE)
-    if config.overwrite and tf.io.gfile.exists(config.model_dir):
-        tf.io.gfile.rmtree(config.model_dir)
-    tf.io.gfile.makedirs(config.model_dir)
-    if not tf.io.gfile.exists(path):
+    model_dir = config.model_dir
+    if tf.io.gfile.exists(model_dir) and not tf.io.gfile.isdir(model_dir):
+        raise UsageError(f"--model_dir {model_dir} is a file, not a directory")
+    if config.overwrite:
         return False
-    previous = read_json(path, {})["train"]
+    path = os.path.join(model_dir, CONFIG_FILE)
+    fresh = "pass --overwrite to start fresh"
+    if not tf.io.gfile.exists(path):
+        if tf.io.gfile.isdir(os.path.join(model_dir, CHECKPOINT_DIR)):
+            raise UsageError(
+                f"--model_dir {model_dir} holds {CHECKPOINT_DIR}/ but no {CONFIG_FILE}, so what "
+                f"they were trained on is unknown; {fresh}"
+            )
+        return False
+    try:
+        record = read_json(path, {})
+        previous = dict(record["train"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise UsageError(
+            f"--model_dir: {path} is not a hubflow-train config ({e}); {fresh}"
+        ) from None
     current = config.to_json()
     changed = [k for k in ARCHITECTURE_KEYS if previous.get(k) != current.get(k)]
     if changed:
         raise UsageError(
-            f"--model_dir {config.model_dir} holds a model trained with other "
-            f"{', '.join('--' + k for k in changed)}; pass --overwrite to start fresh"
+            f"--model_dir {model_dir} holds a model trained with other "
+            f"{', '.join('--' + k for k in changed)}; {fresh}"
         )
+    difference = _data_difference(record, run_record(config, dataset))
+    if difference:
+        raise UsageError(
+            f"--model_dir {model_dir} holds a model trained on other data than --data_dir "
+            f"{config.data_dir} ({difference}); {fresh}"
+        )
+    if DATA_FINGERPRINT not in record:
+        _LOGGER.warning(
+            "%s has no data fingerprint (written by an earlier hubflow); its labels, backbone "
+            "and split counts match --data_dir, so the run resumes",
+            path,
+        )
+    _LOGGER.info("resuming the run in %s (same data and model-shaping options)", model_dir)
     return True
+
+
+def _data_difference(previous: dict[str, Any], current: dict[str, Any]) -> str | None:
+    """How the data of two run records differ, in a few words; None when they match."""
+    old, new = previous.get("labels") or [], current["labels"]
+    if len(old) != len(new):
+        return f"{len(old)} labels in the model, {len(new)} in the data"
+    for i, (a, b) in enumerate(zip(old, new, strict=True)):
+        if a != b:
+            return f"label {i} is {a!r} in the model, {b!r} in the data"
+    if previous.get("backbone") != current["backbone"]:
+        was = (previous.get("backbone") or {}).get("name")
+        return f"backbone {was} in the model, {current['backbone']['name']} in the data"
+    if previous.get("data_counts") != current["data_counts"]:
+        counts = previous.get("data_counts")
+        return f"split counts {counts} in the model, {current['data_counts']} in the data"
+    if previous.get(DATA_FINGERPRINT, current[DATA_FINGERPRINT]) != current[DATA_FINGERPRINT]:
+        return "same labels and counts, other content: another preprocess run or other shards"
+    return None
 
 
 def stage_dir(model_dir: str, stage: str) -> str:

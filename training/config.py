@@ -1,14 +1,16 @@
 """The trainer's command line, validated once into a typed :class:`TrainConfig`.
 
 Labels, backbone and embedding size are not flags: they come from the dataset's manifest.
-Defaults that depend on the mode (epochs, batch size) are resolved here and written to
-``config.json`` next to the model, so a run can be read back and repeated.
+Defaults that depend on the mode (epochs, batch size, patience) apply only to flags not given;
+they are resolved here and written to ``config.json`` next to the model, so a run can be read
+back and repeated. A value given is used as given, or refused.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -57,17 +59,18 @@ class TrainConfig:
     image_size: int = 28
     channels: int = 1
     batch_norm: bool = False
-    epochs: int = 0
-    batch_size: int = 0
+    epochs: int = 200
+    batch_size: int = 128
     learning_rate: float = 1e-3
     optimizer: str = "adam"
     lr_schedule: str = "constant"
     label_smoothing: float = 0.0
     l2: float = 0.0
     class_weight: str = "none"
-    patience: int = 0
+    patience: int = 10
     seed: int = 42
     overwrite: bool = False
+    break_lock: bool = False
 
     @property
     def from_scratch(self) -> bool:
@@ -151,8 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="input channels for --model linear|dnn|cnn (1 = grayscale)",
     )
     p.add_argument("--batch_norm", action="store_true", help="batch norm in --model cnn")
-    p.add_argument("--epochs", type=int, default=0, help="default depends on the mode")
-    p.add_argument("--batch_size", type=int, default=0, help="default depends on the mode")
+    p.add_argument("--epochs", type=int, default=None, help="default depends on the mode")
+    p.add_argument("--batch_size", type=int, default=None, help="default depends on the mode")
     p.add_argument("--learning_rate", type=float, default=1e-3)
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adam")
     p.add_argument("--lr_schedule", choices=LR_SCHEDULES, default="constant")
@@ -162,14 +165,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--patience",
         type=int,
-        default=0,
-        help="early-stopping patience in epochs on eval loss (default by mode)",
+        default=None,
+        help="early-stopping patience in epochs on eval loss (default by mode; 0 stops at the "
+        "first epoch without improvement)",
     )
     p.add_argument("--seed", type=int, default=42)
     p.add_argument(
-        "--overwrite", action="store_true", help="start fresh in an existing --model_dir"
+        "--overwrite",
+        action="store_true",
+        help="start fresh in an existing --model_dir (the old model is kept until the new "
+        "export is complete)",
+    )
+    p.add_argument(
+        "--break_lock",
+        action="store_true",
+        help="take over a gs:// --model_dir whose lock a killed run left behind",
     )
     return p
+
+
+def _validate_numbers(args: argparse.Namespace) -> None:
+    """Refuses values no run can use, naming the flag (nan and inf included)."""
+    for flag in ("learning_rate", "fine_tune_learning_rate", "dropout", "label_smoothing", "l2"):
+        value = getattr(args, flag)
+        if not math.isfinite(value):
+            raise UsageError(f"--{flag} must be a finite number, got {value}")
+    for flag, low, high in (("dropout", 0.0, 0.99), ("label_smoothing", 0.0, 0.99)):
+        value = getattr(args, flag)
+        if not low <= value <= high:
+            raise UsageError(f"--{flag} must be in [{low}, {high}], got {value}")
+    for flag in (
+        "learning_rate",
+        "fine_tune_learning_rate",
+        "image_size",
+        "epochs",
+        "batch_size",
+        "fine_tune_epochs",
+    ):
+        if getattr(args, flag) <= 0:
+            raise UsageError(f"--{flag} must be positive, got {getattr(args, flag)}")
+    for flag in ("l2", "patience", "fine_tune_layers"):
+        if getattr(args, flag) < 0:
+            raise UsageError(f"--{flag} must not be negative, got {getattr(args, flag)}")
 
 
 def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
@@ -194,30 +231,14 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
         raise UsageError("--fine_tune applies to a backbone; --model linear|dnn|cnn has none")
     if args.dropout is None:
         args.dropout = 0.5 if args.model == "cnn" else 0.2
-    for flag, value, low, high in (
-        ("--dropout", args.dropout, 0.0, 0.99),
-        ("--label_smoothing", args.label_smoothing, 0.0, 0.99),
-    ):
-        if not low <= value <= high:
-            raise UsageError(f"{flag} must be in [{low}, {high}], got {value}")
-    for flag, value in (
-        ("--learning_rate", args.learning_rate),
-        ("--image_size", args.image_size),
-    ):
-        if value <= 0:
-            raise UsageError(f"{flag} must be positive, got {value}")
-    for flag, value in (
-        ("--epochs", args.epochs),
-        ("--batch_size", args.batch_size),
-        ("--l2", args.l2),
-        ("--patience", args.patience),
-        ("--fine_tune_layers", args.fine_tune_layers),
-        ("--fine_tune_epochs", args.fine_tune_epochs),
-    ):
-        if value < 0:
-            raise UsageError(f"{flag} must not be negative, got {value}")
+    if args.fine_tune_learning_rate is None:
+        args.fine_tune_learning_rate = args.learning_rate / 10.0
     mode = "scratch" if scratch else features
     epochs, batch_size, patience = _MODE_DEFAULTS[mode]
+    args.epochs = epochs if args.epochs is None else args.epochs
+    args.batch_size = batch_size if args.batch_size is None else args.batch_size
+    args.patience = patience if args.patience is None else args.patience
+    _validate_numbers(args)
     return TrainConfig(
         data_dir=args.data_dir,
         model_dir=args.model_dir,
@@ -234,20 +255,21 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
         zoom=args.zoom,
         fine_tune=args.fine_tune,
         fine_tune_layers=args.fine_tune_layers,
-        fine_tune_learning_rate=args.fine_tune_learning_rate or args.learning_rate / 10.0,
+        fine_tune_learning_rate=args.fine_tune_learning_rate,
         fine_tune_epochs=args.fine_tune_epochs,
         image_size=args.image_size,
         channels=args.channels,
         batch_norm=args.batch_norm,
-        epochs=args.epochs or epochs,
-        batch_size=args.batch_size or batch_size,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
         learning_rate=args.learning_rate,
         optimizer=args.optimizer,
         lr_schedule=args.lr_schedule,
         label_smoothing=args.label_smoothing,
         l2=args.l2,
         class_weight=args.class_weight,
-        patience=args.patience or patience,
+        patience=args.patience,
         seed=args.seed,
         overwrite=args.overwrite,
+        break_lock=args.break_lock,
     )

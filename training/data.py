@@ -7,7 +7,10 @@ both for the datasets and inside the serving export, so training and serving see
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
+import posixpath
 from collections.abc import Callable
 
 import numpy as np
@@ -25,26 +28,30 @@ AUTOTUNE = tf.data.AUTOTUNE
 
 @dataclasses.dataclass
 class Dataset:
-    """A validated preprocess output dir: its manifest, and each split's files and record count."""
+    """A validated preprocess output dir: its manifest, and each split's files and record count.
+
+    ``fingerprint`` names its content (:func:`fingerprint`); ``normalization`` is the embedding's
+    mean and standard deviation (:func:`embedding_normalization`), None for from-scratch nets.
+    """
 
     manifest: manifest_lib.Manifest
     files: dict[str, list[str]]
     counts: dict[str, int]
+    fingerprint: str = ""
+    normalization: tuple[np.ndarray, np.ndarray] | None = None
 
 
 def load(config: TrainConfig) -> Dataset:
     """Reads and validates the data dir before any training starts.
 
     Raises:
-      UsageError: missing/empty data dir, incompatible manifest, an empty split, images needed
-        but not stored, or a corrupt TFRecord (naming the file).
+      UsageError: missing/empty data dir, unreadable or incompatible manifest, an empty split,
+        shards whose embedding size is not the manifest's, images needed but not stored, a
+        missing ``transform_fn/``, or a corrupt TFRecord (naming the file).
     """
     if not tf.io.gfile.isdir(config.data_dir):
         raise UsageError(f"--data_dir {config.data_dir} does not exist")
-    try:
-        manifest = manifest_lib.read_manifest(config.data_dir)
-    except ValueError as e:
-        raise UsageError(f"--data_dir: {e}") from None
+    manifest = _read_manifest(config.data_dir)
     files, counts = {}, {}
     for split in csv_format.SPLITS:
         files[split] = split_files(config.data_dir, split)
@@ -58,16 +65,84 @@ def load(config: TrainConfig) -> Dataset:
             )
     if len(manifest.labels) < 2:
         raise UsageError(f"--data_dir: a classifier needs at least 2 labels, got {manifest.labels}")
-    if config.uses_images:
-        spec = {features.IMAGE_ENCODED: tf.io.FixedLenFeature([], tf.string, default_value="")}
-        first = next(
-            iter(
-                tf.data.TFRecordDataset(files[csv_format.TRAIN][:1], features.TFRECORD_COMPRESSION)
-            )
+    _check_first_record(config, manifest, files[csv_format.TRAIN][0])
+    normalization = None
+    if not config.from_scratch:
+        normalization = _normalization(config.data_dir, manifest.backbone.embedding_dim)
+    return Dataset(manifest, files, counts, fingerprint(manifest, files), normalization)
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(getattr(error, "message", None) or error).split())[:300]
+
+
+def _read_manifest(data_dir: str) -> manifest_lib.Manifest:
+    path = manifest_lib.manifest_path(data_dir)
+    try:
+        return manifest_lib.read_manifest(data_dir)
+    except (ValueError, KeyError, TypeError) as e:  # json.JSONDecodeError is a ValueError
+        message = _one_line(e)
+        raise UsageError(
+            f"--data_dir: {message}" if path in message else f"--data_dir: {path}: {message}"
+        ) from None
+
+
+def _check_first_record(config: TrainConfig, manifest: manifest_lib.Manifest, path: str) -> None:
+    """The first record of ``path`` holds an embedding of the manifest's size (and an image)."""
+    spec = {
+        features.EMBEDDING: tf.io.VarLenFeature(tf.float32),
+        features.IMAGE_ENCODED: tf.io.FixedLenFeature([], tf.string, default_value=""),
+    }
+    try:
+        first = next(iter(tf.data.TFRecordDataset([path], features.TFRECORD_COMPRESSION)))
+        parsed = tf.io.parse_single_example(first, spec)
+    except tf.errors.OpError as e:
+        raise UsageError(f"corrupt TFRecord file {path}: {_one_line(e)}") from None
+    size, expected = (
+        int(tf.size(parsed[features.EMBEDDING].values)),
+        manifest.backbone.embedding_dim,
+    )
+    if size != expected:
+        raise UsageError(
+            f"--data_dir: {path} holds embeddings of {size} values but manifest.json says "
+            f"embedding_dim {expected}: they come from different runs; rerun hubflow-preprocess"
         )
-        if not tf.io.parse_single_example(first, spec)[features.IMAGE_ENCODED].numpy():
-            raise UsageError("--features image: this dataset was written without images")
-    return Dataset(manifest, files, counts)
+    if config.uses_images and not parsed[features.IMAGE_ENCODED].numpy():
+        raise UsageError("--features image: this dataset was written without images")
+
+
+def _normalization(data_dir: str, embedding_dim: int) -> tuple[np.ndarray, np.ndarray]:
+    transform_dir = f"{data_dir.rstrip('/')}/{manifest_lib.TRANSFORM_FN_DIR}"
+    if not tf.io.gfile.isdir(transform_dir):
+        raise UsageError(
+            f"--data_dir: {transform_dir}/ is missing (the embedding statistics "
+            "hubflow-preprocess writes); rerun hubflow-preprocess"
+        )
+    try:
+        return embedding_normalization(data_dir, embedding_dim)
+    except (OSError, ValueError, tf.errors.OpError) as e:
+        raise UsageError(f"--data_dir: {transform_dir}/ cannot be used: {_one_line(e)}") from None
+
+
+def fingerprint(manifest: manifest_lib.Manifest, files: dict[str, list[str]]) -> str:
+    """A sha256 naming a dataset's content, recorded next to a model trained on it.
+
+    It covers the manifest's labels, backbone, split and row counts and creation time, and the
+    name and byte size of every shard: cheap (no record is read, one stat per shard) and
+    independent of where the data dir is (a copy on ``gs://`` is the same data). Relabelled,
+    re-split or rewritten data differs in one of these; so does a rerun of hubflow-preprocess on
+    the same images (a new creation time), whose model must then be trained afresh rather than
+    resumed on data it may not have seen. A shard edited in place to the same byte size under
+    an unchanged manifest is not detected.
+    """
+    data = manifest.to_json()
+    identity = {key: data[key] for key in ("labels", "backbone", "splits", "rows", "created")}
+    identity["shards"] = sorted(
+        (posixpath.basename(path), tf.io.gfile.stat(path).length)
+        for paths in files.values()
+        for path in paths
+    )
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
 def split_files(data_dir: str, split: str) -> list[str]:

@@ -3,7 +3,9 @@
 Reads a preprocess output dir, trains (head on embeddings, head on images with optional
 augmentation and fine-tuning, or a small net from scratch), evaluates on eval and test, and
 exports a hermetic serving SavedModel. Rerunning the same command resumes from the last
-checkpoint in ``--model_dir`` (:mod:`training.checkpoints`); ``--overwrite`` starts fresh.
+checkpoint in ``--model_dir`` (:mod:`training.checkpoints`) when it holds a model of the same
+data and architecture; ``--overwrite`` starts fresh, keeping the previous model until the new
+export is complete (:mod:`training.layout`).
 """
 
 from __future__ import annotations
@@ -27,14 +29,15 @@ from evaluation import metrics, plots
 from schemas import csv_format
 from schemas import manifest as manifest_lib
 from schemas.cli import UsageError, configure_logging, report_usage_error
-from training import augment, checkpoints, data, export, models
+from storage.locks import DirLock
+from training import augment, checkpoints, data, export, layout, models
 from training.checkpoints import STAGE_FINE_TUNE, STAGE_HEAD
 from training.config import PROG, TrainConfig, parse_config
+from training.layout import CONFUSION_PNG, CURVES_PNG, METRICS_FILE
 
-_LOGGER = logging.getLogger(__name__)
-METRICS_FILE = "metrics.json"
-CONFUSION_PNG = "confusion_matrix.png"
-CURVES_PNG = "training_curves.png"
+# Not __name__: under ``python -m training.task`` that is "__main__", outside the "training"
+# logger whose INFO level configure_logging enables.
+_LOGGER = logging.getLogger("training.task")
 
 
 @dataclasses.dataclass
@@ -84,11 +87,18 @@ def train(config: TrainConfig) -> TrainResult:
       UsageError: on bad input, before anything in ``--model_dir`` changes.
     """
     dataset = data.load(config)
-    resumed = checkpoints.prepare_model_dir(config)
+    with DirLock(config.model_dir, PROG, "--model_dir", config.break_lock):
+        layout.recover(config.model_dir)  # puts back what an interrupted run had moved aside
+        resumed = checkpoints.check_model_dir(config, dataset)
+        with layout.replacing(config.model_dir, overwrite=config.overwrite):
+            return _train_and_export(config, dataset, resumed)
+
+
+def _train_and_export(config: TrainConfig, dataset: data.Dataset, resumed: bool) -> TrainResult:
     _write_run_record(config, dataset)
     tf_keras.utils.set_random_seed(config.seed)
     splits = data.make_split_datasets(config, dataset, augment.trainer_augmenter(config))
-    history_path = os.path.join(config.model_dir, checkpoints.HISTORY_FILE)
+    history_path = os.path.join(config.model_dir, layout.HISTORY_FILE)
     history = checkpoints.read_json(history_path, {}) if resumed else {}
     strategy = choose_strategy()
     started = time.monotonic()
@@ -104,20 +114,12 @@ def train(config: TrainConfig) -> TrainResult:
 
 
 def _write_run_record(config: TrainConfig, dataset: data.Dataset) -> None:
-    """``config.json`` (options, labels, backbone, split counts) and ``labels.txt``."""
-    manifest = dataset.manifest
-    checkpoints.write_json(
-        os.path.join(config.model_dir, checkpoints.CONFIG_FILE),
-        {
-            "train": config.to_json(),
-            "labels": manifest.labels,
-            "backbone": manifest.backbone.to_json(),
-            "data_counts": dataset.counts,
-        },
-    )
+    """``config.json`` (options and the data's identity) and ``labels.txt``."""
+    record = checkpoints.run_record(config, dataset)
+    checkpoints.write_json(os.path.join(config.model_dir, layout.CONFIG_FILE), record)
     path = os.path.join(config.model_dir, manifest_lib.LABELS_FILE)
     with tf.io.gfile.GFile(path, "w") as f:
-        f.write(manifest_lib.labels_text(manifest.labels))
+        f.write(manifest_lib.labels_text(dataset.manifest.labels))
 
 
 def _steps_per_epoch(config: TrainConfig, dataset: data.Dataset) -> int:
@@ -134,7 +136,7 @@ def _build(config: TrainConfig, dataset: data.Dataset, strategy) -> _Models:
             built = _Models(models.scratch_model(num_classes, image_shape, config), None)
         else:
             dim = manifest.backbone.embedding_dim
-            mean, std = data.embedding_normalization(config.data_dir, dim)
+            mean, std = dataset.normalization
             head = models.embedding_head(dim, num_classes, mean, std, config)
             model = models.image_classifier(manifest.backbone, head) if config.uses_images else head
             built = _Models(model, head)
@@ -196,18 +198,22 @@ def _write_report(model_dir: str, reports: dict, labels: list[str], history: dic
     """metrics.json and the two plots; rendered locally, then copied when model_dir is remote."""
     remote = "://" in model_dir
     local = tempfile.mkdtemp(prefix="hubflow-report-") if remote else model_dir
-    metrics.write_metrics(os.path.join(local, METRICS_FILE), reports)
-    plots.plot_confusion_matrix(
-        os.path.join(local, CONFUSION_PNG),
-        reports[csv_format.TEST]["confusion_matrix"],
-        labels,
-        "test split",
-    )
-    plots.plot_training_curves(os.path.join(local, CURVES_PNG), history)
-    if remote:
-        for name in (METRICS_FILE, CONFUSION_PNG, CURVES_PNG):
-            tf.io.gfile.copy(os.path.join(local, name), f"{model_dir.rstrip('/')}/{name}", True)
-        shutil.rmtree(local, ignore_errors=True)
+    try:
+        metrics.write_metrics(os.path.join(local, METRICS_FILE), reports)
+        plots.plot_confusion_matrix(
+            os.path.join(local, CONFUSION_PNG),
+            reports[csv_format.TEST]["confusion_matrix"],
+            labels,
+            "test split",
+        )
+        plots.plot_training_curves(os.path.join(local, CURVES_PNG), history)
+        if remote:
+            for name in (METRICS_FILE, CONFUSION_PNG, CURVES_PNG):
+                target = f"{model_dir.rstrip('/')}/{name}"
+                tf.io.gfile.copy(os.path.join(local, name), target, True)
+    finally:
+        if remote:
+            shutil.rmtree(local, ignore_errors=True)
 
 
 def _export(config: TrainConfig, manifest, model, head) -> str:
