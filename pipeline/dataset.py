@@ -22,6 +22,7 @@ from pipeline import analyze
 from schemas import csv_format, features
 from schemas import manifest as manifest_lib
 from schemas.backbones import BackboneSpec
+from storage.staging import temp_folders
 
 # Row events counted into the manifest's row accounting: (kind, *details).
 EVENT_READ = "read"  # ()
@@ -38,11 +39,6 @@ VERSIONED_PACKAGES = (
     "tensorflow-transform",
     "pillow",
 )
-
-
-# Scratch space the job's writers leave next to their outputs while they run (Beam's sinks
-# write ``beam-temp-<prefix>-<uuid>/``; tf.Transform uses ``.tft_tmp``).
-BEAM_TEMP_PATTERN = "beam-temp-*"
 
 
 def _match(patterns: list[str]) -> list[str]:
@@ -79,7 +75,7 @@ def existing_outputs(output_dir: str) -> list[str]:
     This is everything ``--overwrite`` may delete; a user's other files in the dir are not in it.
     """
     found = output_paths(output_dir)
-    found += _match([FileSystems.join(output_dir, BEAM_TEMP_PATTERN)])
+    found += temp_folders(output_dir)
     if FileSystems.exists(analyze.tft_temp_dir(output_dir)):
         found.append(analyze.tft_temp_dir(output_dir))
     return found

@@ -15,6 +15,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from evaluation.metrics import confusion_report
 from schemas import manifest as manifest_lib
+from storage.staging import temp_folders
 
 PREDICTIONS_PREFIX = "predictions"
 PREDICTIONS_SUFFIX = ".jsonl"
@@ -22,8 +23,6 @@ PREDICTIONS_CSV = "predictions.csv"
 SUMMARY_FILE = "summary.json"  # written last: its presence says the predictions are complete
 METRICS_FILE = "metrics.json"
 CONFUSION_PNG = "confusion_matrix.png"
-# What Beam's text sinks leave while they run.
-BEAM_TEMP_PATTERN = "beam-temp-*"
 
 
 def output_paths(directory: str) -> list[str]:
@@ -47,7 +46,7 @@ def output_names(directory: str) -> list[str]:
 def existing_outputs(output_dir: str) -> list[str]:
     """Earlier predictions in ``output_dir`` and their writers' temp files: all ``--overwrite``
     may delete. The user's other files there (the input CSV, notes, images) are never listed."""
-    return output_paths(output_dir) + _match([FileSystems.join(output_dir, BEAM_TEMP_PATTERN)])
+    return output_paths(output_dir) + temp_folders(output_dir)
 
 
 def _match(patterns: list[str]) -> list[str]:

@@ -22,6 +22,14 @@ from storage.fileops import delete, join, move
 
 _LOGGER = logging.getLogger(__name__)
 STAGING_DIR = ".hubflow-staging"
+# The folders Beam's file sinks write into next to their outputs (``beam-temp-<prefix>-<uuid>``);
+# a killed run leaves them behind.
+BEAM_TEMP_PATTERN = "beam-temp-*"
+
+
+def temp_folders(output_dir: str) -> list[str]:
+    """The Beam writers' temp folders in ``output_dir`` (Beam's own match lists files only)."""
+    return tf.io.gfile.glob(join(output_dir, BEAM_TEMP_PATTERN))
 
 
 def staging_dir(output_dir: str) -> str:

@@ -203,6 +203,8 @@ def test_failed_overwrite_keeps_the_previous_dataset_and_a_good_one_replaces_it(
     assert {p: (out / p).read_bytes() for p in before} == before
     monkeypatch.undo()
 
+    (out / "beam-temp-errors-0123abcd").mkdir()  # left by an older run's writer
+    (out / "beam-temp-errors-0123abcd" / "part").write_text("x")
     assert _preprocess(images, out, tiny_backbone, "--overwrite") == 0
     assert (out / "NOTES.txt").read_text() == "mine"
     assert not (out / staging.STAGING_DIR).exists()
@@ -270,3 +272,27 @@ def test_manifest_options_never_record_a_credential():
     assert config.options["beam_args"] == ["--runner=DirectRunner", "--direct_num_workers", "2"]
     assert config.options["beam_args_withheld"] == ["--s3_access_key_id", "--s3_secret_access_key"]
     assert "--s3_secret_access_key=SECRET" in beam_args  # still passed to Beam
+
+
+@pytest.mark.slow
+def test_output_dir_that_is_a_file_or_not_writable_is_one_line(tmp_path, images, monkeypatch):
+    a_file = tmp_path / "out.txt"
+    a_file.write_text("mine")
+    result = subprocess.run(
+        ["hubflow-preprocess", f"--image_dir={images}", f"--output_dir={a_file}"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"hubflow-preprocess: error: --output_dir: {a_file} is a file, not a directory"
+    )
+    assert a_file.read_text() == "mine"
+
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(  # tests run as root, for whom chmod 555 changes nothing
+        locks.os, "access", lambda p, m: False if str(p) == str(read_only) else real_access(p, m)
+    )
+    assert preprocess.main([f"--image_dir={images}", f"--output_dir={read_only}"]) == 2
+    assert os.listdir(read_only) == []
