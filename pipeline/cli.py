@@ -22,6 +22,17 @@ def check_beam_flags(beam_args: Sequence[str]) -> None:
         raise UsageError(f"unrecognized flag {unknown[0]} (see --help)")
 
 
+class JobIncomplete(RuntimeError):
+    """The runner returned, but the job's completion marker was not written."""
+
+
+def is_dry_run(beam_args: Sequence[str]) -> bool:
+    """``--dry_run True``: the runner builds (and translates) the job but does not run it."""
+    from apache_beam.options.pipeline_options import TestOptions
+
+    return bool(PipelineOptions(list(beam_args)).view_as(TestOptions).dry_run)
+
+
 def run_pipeline(
     build: Callable[[beam.Pipeline], None], beam_args: Sequence[str], test_pipeline=None
 ) -> PipelineResult:

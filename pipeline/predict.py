@@ -22,7 +22,7 @@ from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.runners.runner import PipelineResult
 
 from pipeline import files, images, prediction_report, scoring
-from pipeline.cli import check_beam_flags, run_pipeline
+from pipeline.cli import JobIncomplete, check_beam_flags, is_dry_run, run_pipeline
 from pipeline.options import add_output_flags, check_inputs_outside
 from pipeline.records import ERRORS, SOURCE_CSV, SOURCE_PATTERN, error_to_json
 from schemas import manifest as manifest_lib
@@ -312,12 +312,16 @@ def run_config(config: PredictConfig, beam_args, test_pipeline=None) -> Pipeline
         job = find_previous_outputs(job)
         staging.reset(job.output_dir)
         result = run_pipeline(lambda p: build_pipeline(p, job), beam_args, test_pipeline)
+        if is_dry_run(beam_args):
+            return result
         new = prediction_report.output_names(job.work_dir)
         marker = prediction_report.SUMMARY_FILE
-        if marker in new:
-            staging.publish(job.output_dir, new, job.previous_outputs, marker=marker)
-        else:
-            _LOGGER.warning("the job wrote no %s; %s was left as it was", marker, job.output_dir)
+        if marker not in new:
+            raise JobIncomplete(
+                f"the job wrote no {marker}; {job.output_dir} was left as it was "
+                "(see the runner's log)"
+            )
+        staging.publish(job.output_dir, new, job.previous_outputs, marker=marker)
     return result
 
 
@@ -328,6 +332,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_config(config, beam_args)
     except UsageError as e:
         return report_usage_error(PROG, e)
+    except JobIncomplete as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+    if is_dry_run(beam_args):
+        print(f"{PROG}: dry run: the job was built; nothing was run or written")
+        return 0
     summary = prediction_report.read_summary(config.output_dir)
     print(prediction_report.format_summary(summary))
     print(f"output: {config.output_dir}")

@@ -20,7 +20,7 @@ from apache_beam.runners.runner import PipelineResult
 
 from backbones import hub, registry
 from pipeline import analyze, csv_rows, dataset, files, images, sinks, transforms
-from pipeline.cli import check_beam_flags, run_pipeline
+from pipeline.cli import JobIncomplete, check_beam_flags, is_dry_run, run_pipeline
 from pipeline.options import add_output_flags, check_inputs_outside, recorded_options
 from pipeline.records import ERRORS, error_to_json
 from schemas import csv_format
@@ -366,13 +366,15 @@ def run_config(config: Config, beam_args: Sequence[str], test_pipeline=None) -> 
         job = resolve(config, inputs)
         staging.reset(job.output_dir)
         result = run_pipeline(lambda p: build_pipeline(p, job), beam_args, test_pipeline)
+        if is_dry_run(beam_args):
+            return result
         new = dataset.output_names(job.work_dir)
-        if manifest_lib.MANIFEST_FILE in new:
-            staging.publish(
-                job.output_dir, new, job.previous_outputs, marker=manifest_lib.MANIFEST_FILE
+        if manifest_lib.MANIFEST_FILE not in new:
+            raise JobIncomplete(
+                f"the job wrote no {manifest_lib.MANIFEST_FILE}; {job.output_dir} was left as "
+                "it was (see the runner's log)"
             )
-        else:
-            _LOGGER.warning("the job wrote no manifest; %s was left as it was", job.output_dir)
+        staging.publish(job.output_dir, new, job.previous_outputs, manifest_lib.MANIFEST_FILE)
     return result
 
 
@@ -383,11 +385,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_config(config, beam_args)
     except UsageError as e:
         return report_usage_error(PROG, e)
-    try:
-        manifest = manifest_lib.read_manifest(config.output_dir)
-    except ValueError:
-        print(f"{PROG}: the job finished but wrote no manifest (runner still running?)")
+    except JobIncomplete as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+    if is_dry_run(beam_args):
+        print(f"{PROG}: dry run: the job was built; nothing was run or written")
         return 0
+    manifest = manifest_lib.read_manifest(config.output_dir)
     print(dataset.format_summary(manifest, config.output_dir))
     if manifest.rows.written == 0:
         print(f"{PROG}: error: no row was usable; see the errors file", file=sys.stderr)

@@ -296,3 +296,23 @@ def test_output_dir_that_is_a_file_or_not_writable_is_one_line(tmp_path, images,
     )
     assert preprocess.main([f"--image_dir={images}", f"--output_dir={read_only}"]) == 2
     assert os.listdir(read_only) == []
+
+
+@pytest.mark.slow
+def test_a_run_that_writes_no_manifest_fails_and_only_a_dry_run_may(
+    tmp_path, images, tiny_backbone, monkeypatch, capsys
+):
+    out = tmp_path / "data"
+    assert _preprocess(images, out, tiny_backbone) == 0
+    manifest = manifest_lib.read_manifest(str(out))
+    capsys.readouterr()
+    monkeypatch.setattr(preprocess, "run_pipeline", lambda build, beam_args, p=None: None)
+    assert _preprocess(images, out, tiny_backbone, "--overwrite") == 1  # the runner wrote nothing
+    assert capsys.readouterr().err.strip() == (
+        f"hubflow-preprocess: error: the job wrote no manifest.json; {out} was left as it was "
+        "(see the runner's log)"
+    )
+    assert manifest_lib.read_manifest(str(out)) == manifest  # not the old summary as if new
+    assert _preprocess(images, out, tiny_backbone, "--overwrite", "--dry_run=True") == 0
+    assert "dry run" in capsys.readouterr().out
+    assert manifest_lib.read_manifest(str(out)) == manifest
