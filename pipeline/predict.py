@@ -65,6 +65,7 @@ class PredictJob:
     labels: list[str]
     sources: list[tuple[str, str]]
     previous_outputs: list[str]
+    normalisation: dict = dataclasses.field(default_factory=dict)
 
     @property
     def output_dir(self) -> str:
@@ -176,6 +177,7 @@ def resolve(config: PredictConfig) -> PredictJob:
             )
     with FileSystems.open(FileSystems.join(model_dir, serving.LABELS_ASSET)) as f:
         labels = manifest_lib.parse_labels(f.read().decode("utf-8"))
+    normalisation = _read_normalisation(model_dir)
     try:
         csvs = files.resolve_csv_patterns(config.input_csvs) if config.input_csvs else []
     except ValueError as e:
@@ -191,7 +193,26 @@ def resolve(config: PredictConfig) -> PredictJob:
         input_dirs=[model_dir],
         input_patterns=config.input_patterns,
     )
-    return PredictJob(config, model_dir, labels, sources, [])
+    return PredictJob(config, model_dir, labels, sources, [], normalisation)
+
+
+def _read_normalisation(model_dir: str) -> dict:
+    """How the training images were stored (``serving.PREPROCESSING_ASSET``); defaults for an
+    export written before hubflow recorded it."""
+    path = FileSystems.join(model_dir, serving.PREPROCESSING_ASSET)
+    if not FileSystems.exists(path):
+        _LOGGER.warning(
+            "%s has no %s: images are normalised with preprocessing's defaults",
+            model_dir,
+            serving.PREPROCESSING_ASSET,
+        )
+        return {}
+    with FileSystems.open(path) as f:
+        try:
+            recorded = json.loads(f.read().decode("utf-8"))
+        except ValueError as e:
+            raise UsageError(f"--model: {path} is not valid JSON ({e})") from None
+    return {k: recorded[k] for k in serving.PREPROCESSING_KEYS if k in recorded}
 
 
 def find_previous_outputs(job: PredictJob) -> PredictJob:
@@ -223,7 +244,11 @@ def build_pipeline(p: beam.Pipeline, job: PredictJob) -> None:
         | "Reshuffle" >> beam.Reshuffle()
         | "ReadImages"
         >> beam.ParDo(
-            scoring.ReadImageFn(config.max_image_pixels, max_file_bytes=config.max_file_bytes)
+            scoring.ReadImageFn(
+                config.max_image_pixels,
+                max_file_bytes=config.max_file_bytes,
+                **job.normalisation,
+            )
         ).with_outputs(ERRORS, main="ok")
     )
     handler = KeyedModelHandler(

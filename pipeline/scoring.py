@@ -114,11 +114,27 @@ class ReadSourcesFn(beam.DoFn):
 
 
 class ReadImageFn(beam.DoFn):
-    """Row -> ``(row, bytes)`` for images the export can decode; others -> ``errors``."""
+    """Row -> ``(row, JPEG bytes)`` normalised as preprocessing stored the training images.
 
-    def __init__(self, max_pixels: int, *, max_file_bytes: int = images.DEFAULT_MAX_FILE_BYTES):
+    Every image goes through the pipeline's own image code (:func:`pipeline.images.reencode`):
+    any format preprocessing accepts (WebP and TIFF included), EXIF orientation applied, CMYK,
+    palette and 16-bit converted, the same size limits, then re-encoded as preprocessing stored
+    it (``jpeg_quality``, ``max_image_side`` from the export's ``preprocessing.json``). So the
+    model is sent exactly what the trainer saw. Others -> ``errors``.
+    """
+
+    def __init__(
+        self,
+        max_pixels: int,
+        *,
+        max_file_bytes: int = images.DEFAULT_MAX_FILE_BYTES,
+        jpeg_quality: int = images.DEFAULT_JPEG_QUALITY,
+        max_image_side: int | None = None,
+    ):
         self._max_pixels = max_pixels
         self._max_file_bytes = files.check_max_bytes(max_file_bytes)
+        self._quality = jpeg_quality
+        self._max_side = max_image_side
 
     def process(self, row: Row) -> Iterator:
         data = files.read_row_image(row, self._max_file_bytes)  # regular files, size-capped
@@ -126,22 +142,13 @@ class ReadImageFn(beam.DoFn):
             yield reject(data)
             return
         try:
-            images.validate(data, self._max_pixels)
-            fmt = images.image_format(data)
+            encoded = images.reencode(
+                data, max_pixels=self._max_pixels, max_side=self._max_side, quality=self._quality
+            )
         except images.ImageError as e:
             yield reject(ErrorRecord.for_row(row, errors.STAGE_DECODE, e.category, str(e)))
             return
-        if fmt not in serving.SERVABLE_FORMATS:
-            yield reject(
-                ErrorRecord.for_row(
-                    row,
-                    errors.STAGE_DECODE,
-                    errors.UNSUPPORTED_FORMAT,
-                    f"{fmt} images are not accepted by the exported model (JPEG, PNG, GIF, BMP)",
-                )
-            )
-            return
-        yield row, data
+        yield row, encoded.jpeg
 
 
 class ToPredictionFn(beam.DoFn):

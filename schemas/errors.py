@@ -28,7 +28,6 @@ FILE_CHANGED = "file_changed"  # the image changed between two reads of one job
 EMPTY_FILE = "empty_file"  # zero-byte image
 UNDECODABLE = "undecodable"  # corrupt, truncated or unsupported image data
 TOO_LARGE = "too_large"  # more pixels than --max_image_pixels (decompression bomb)
-UNSUPPORTED_FORMAT = "unsupported_format"  # a format the exported model cannot decode
 CONFLICTING_LABELS = "conflicting_labels"  # identical images with different labels
 EMBED_FAILED = "embed_failed"  # the backbone failed or returned non-finite features
 MODEL_FAILED = "model_failed"  # the exported model rejected the image
@@ -40,7 +39,6 @@ CATEGORIES = (
     EMPTY_FILE,
     UNDECODABLE,
     TOO_LARGE,
-    UNSUPPORTED_FORMAT,
     CONFLICTING_LABELS,
     EMBED_FAILED,
     MODEL_FAILED,

@@ -25,11 +25,18 @@ OUTPUT_KEYS = (PROBABILITIES, CLASSES, SCORES, TOP_K_CLASSES, TOP_K_SCORES)
 
 LABELS_ASSET = os.path.join("assets.extra", "labels.txt")
 
+# How the training images were normalised before they were stored (preprocessing's
+# --jpeg_quality, --max_image_side), as JSON: batch prediction normalises every image the same
+# way before it calls the signature, so the model sees what it was trained on.
+PREPROCESSING_ASSET = os.path.join("assets.extra", "preprocessing.json")
+PREPROCESSING_KEYS = ("jpeg_quality", "max_image_side")
+
 # The most classes the top-k outputs list.
 MAX_TOP_K = 5
 
-# What the export's decoder (tf.io.decode_image) reads, as Pillow names the formats.
-SERVABLE_FORMATS = frozenset({"JPEG", "MPO", "PNG", "GIF", "BMP"})
+# The signature decodes the bytes with tf.io.decode_image: JPEG, PNG, GIF (first frame) and BMP,
+# without applying EXIF orientation. Bytes sent straight to it (TF Serving) must be one of those;
+# hubflow-predict normalises every image first, as preprocessing stored the training images.
 
 
 def top_k(num_labels: int) -> int:

@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from pipeline import predict, prediction_report, preprocess, scoring
+from pipeline import images, predict, prediction_report, preprocess, scoring
 from tests.conftest import CLASS_COLOURS, photo, write_dataset
 from training import task
 from training.config import parse_config
@@ -89,17 +89,17 @@ def test_predictions_match_the_savedmodel_and_errors_are_recorded(trained, tmp_p
 
     predictions = {os.path.basename(p["uri"]): p for p in _lines(str(out / "predictions-*.jsonl"))}
     errors = {os.path.basename(e["uri"]): e for e in _lines(str(out / "errors-*.jsonl"))}
-    assert len(predictions) == len(good) + 2 and len(errors) == 3
+    assert len(predictions) == len(good) + 3 and len(errors) == 2
     assert errors["broken.jpg"]["category"] == "undecodable"
     assert errors["missing.jpg"]["category"] == "unreadable"
-    assert errors["rose.webp"]["category"] == "unsupported_format"
+    assert predictions["rose.webp"]["true_label"] == "rose"  # WebP: trained on, so scored
     assert errors["broken.jpg"]["line"] == len(good) + 2
 
+    # the job normalises each image as preprocessing stored it (JPEG, quality 95), then serves it
     serve = tf.saved_model.load(f"{model_dir}/export/1").signatures["serving_default"]
     names = sorted(predictions)
-    direct = serve(
-        image_bytes=tf.constant([open(predictions[n]["uri"], "rb").read() for n in names])
-    )
+    stored = [images.reencode(open(predictions[n]["uri"], "rb").read()).jpeg for n in names]
+    direct = serve(image_bytes=tf.constant(stored))
     assert [predictions[n]["label"] for n in names] == [
         c.decode() for c in direct["classes"].numpy()
     ]
@@ -114,14 +114,14 @@ def test_predictions_match_the_savedmodel_and_errors_are_recorded(trained, tmp_p
     # metrics over the labeled rows whose label the model knows, computed by hand
     labels = sorted(CLASS_COLOURS)
     matrix = np.zeros((3, 3), int)
-    for p, label in good:
+    for p, label in [*good, ("rose.webp", "rose")]:
         matrix[labels.index(label), labels.index(predictions[os.path.basename(p)]["label"])] += 1
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["confusion_matrix"] == matrix.tolist()
     assert metrics["accuracy"] == pytest.approx(np.trace(matrix) / matrix.sum())
     assert (out / "confusion_matrix.png").stat().st_size > 0
     csv_lines = (out / "predictions.csv").read_text().splitlines()
-    assert csv_lines[0] == "uri,label,score,top_k,true_label" and len(csv_lines) == len(good) + 3
+    assert csv_lines[0] == "uri,label,score,top_k,true_label" and len(csv_lines) == len(good) + 4
 
 
 def test_input_pattern_without_labels(trained, tmp_path):
@@ -243,4 +243,72 @@ def test_an_export_without_its_variables_is_refused_in_one_line(trained, tmp_pat
     assert err == (
         f"hubflow-predict: error: --model: {broken} is not a complete hubflow export "
         "(variables/variables.index missing)"
+    )
+
+
+def _odd_images(folder) -> list[str]:
+    """One image per format, mode and EXIF orientation preprocessing accepts."""
+    rng = np.random.default_rng(7)
+    pixels = np.clip(
+        np.array(CLASS_COLOURS["rose"])[None, None] + rng.normal(0, 40, (40, 56, 3)), 0, 255
+    ).astype(np.uint8)
+    pixels[:10, :20] = CLASS_COLOURS["tulip"]  # a corner that shows the orientation
+    base = Image.fromarray(pixels, "RGB")
+    variants = {
+        "plain.jpg": (base, "JPEG", {}),
+        "cmyk.jpg": (base.convert("CMYK"), "JPEG", {}),
+        "palette.png": (base.convert("P"), "PNG", {}),
+        "rgba.png": (base.convert("RGBA"), "PNG", {}),
+        "gray16.png": (base.convert("L").convert("I;16"), "PNG", {}),
+        "lossless.webp": (base, "WEBP", {"lossless": True}),
+        "image.tiff": (base, "TIFF", {}),
+        "image.gif": (base, "GIF", {}),
+        "image.bmp": (base, "BMP", {}),
+    }
+    for orientation in (3, 6, 8):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        variants[f"exif{orientation}.jpg"] = (base, "JPEG", {"exif": exif})
+    folder.mkdir()
+    for name, (image, fmt, kwargs) in variants.items():
+        image.save(folder / name, fmt, **kwargs)
+    return sorted(variants)
+
+
+def test_predict_sends_the_model_what_preprocessing_stored_for_every_format(
+    trained, tmp_path, tiny_backbone
+):
+    """Batch prediction accepts what training accepted and scores it as the stored image."""
+    _, _, model_dir = trained
+    names = _odd_images(tmp_path / "odd")
+    csv_path = tmp_path / "odd.csv"
+    csv_path.write_text("".join(f"odd/{name},rose\n" for name in names))
+    stored_dir = tmp_path / "stored"
+    preprocess.run(  # what training would have stored for these images
+        [
+            f"--input_csv={csv_path}",
+            f"--output_dir={stored_dir}",
+            f"--backbone={tiny_backbone}",
+            "--eval_fraction=0",
+            "--test_fraction=0",
+        ]
+    )
+    stored = {}
+    for path in glob.glob(str(stored_dir / "train-*.tfrecord.gz")):
+        for record in tf.data.TFRecordDataset(path, compression_type="GZIP"):
+            example = tf.train.Example.FromString(record.numpy()).features.feature
+            source = example["image/source"].bytes_list.value[0].decode()
+            stored[os.path.basename(source)] = example["image/encoded"].bytes_list.value[0]
+    assert sorted(stored) == names  # preprocessing took every one (no duplicates among them)
+    serve = tf.saved_model.load(f"{model_dir}/export/1").signatures["serving_default"]
+    expected = serve(image_bytes=tf.constant([stored[n] for n in names]))
+
+    out = tmp_path / "pred"
+    assert predict.main([f"--model={model_dir}/export", f"--input_csv={csv_path}",
+                         f"--output_dir={out}"]) == 0  # fmt: skip
+    got = {os.path.basename(p["uri"]): p for p in _lines(str(out / "predictions-*.jsonl"))}
+    assert sorted(got) == names and not _lines(str(out / "errors-*.jsonl"))
+    assert [got[n]["label"] for n in names] == [c.decode() for c in expected["classes"].numpy()]
+    np.testing.assert_allclose(
+        [got[n]["score"] for n in names], expected["scores"].numpy(), rtol=1e-6, atol=1e-7
     )

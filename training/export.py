@@ -8,6 +8,7 @@ of the graph. Nothing outside the export dir is needed to serve.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -62,8 +63,19 @@ def next_version_dir(model_dir: str) -> str:
     return os.path.join(root, str(max(versions, default=0) + 1))
 
 
-def export(model: tf_keras.Model, labels: list[str], decode: Callable, model_dir: str) -> str:
-    """Writes the serving SavedModel to the next ``export/<n>/`` (via a temp dir + rename)."""
+def export(
+    model: tf_keras.Model,
+    labels: list[str],
+    decode: Callable,
+    model_dir: str,
+    preprocessing: dict | None = None,
+) -> str:
+    """Writes the serving SavedModel to the next ``export/<n>/`` (via a temp dir + rename).
+
+    Args:
+      preprocessing: how the training images were normalised (``serving.PREPROCESSING_KEYS``),
+        written to ``serving.PREPROCESSING_ASSET`` for batch prediction.
+    """
     target = next_version_dir(model_dir)
     tmp = f"{target}.tmp"
     if tf.io.gfile.exists(tmp):
@@ -74,6 +86,9 @@ def export(model: tf_keras.Model, labels: list[str], decode: Callable, model_dir
     tf.io.gfile.makedirs(os.path.dirname(labels_path))
     with tf.io.gfile.GFile(labels_path, "w") as f:
         f.write(labels_text(labels))
+    if preprocessing is not None:
+        with tf.io.gfile.GFile(os.path.join(tmp, serving.PREPROCESSING_ASSET), "w") as f:
+            f.write(json.dumps(preprocessing, indent=2))
     tf.io.gfile.rename(tmp, target)
     _LOGGER.info("exported %s", target)
     return target

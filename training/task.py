@@ -26,7 +26,7 @@ import tensorflow as tf
 import tf_keras
 
 from evaluation import metrics, plots
-from schemas import csv_format
+from schemas import csv_format, serving
 from schemas import manifest as manifest_lib
 from schemas.cli import UsageError, configure_logging, report_usage_error
 from storage.locks import DirLock
@@ -223,7 +223,11 @@ def _export(config: TrainConfig, manifest, model, head) -> str:
     if not config.uses_images:  # callers send image bytes, not embeddings
         serving_model = models.image_classifier(manifest.backbone, head)
     decode = data.decode_batch(preprocess, image_shape)
-    return export.export(serving_model, manifest.labels, decode, config.model_dir)
+    # The stored images' normalisation, so batch prediction can repeat it (missing in old data).
+    normalisation = {
+        k: manifest.options[k] for k in serving.PREPROCESSING_KEYS if k in manifest.options
+    }
+    return export.export(serving_model, manifest.labels, decode, config.model_dir, normalisation)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
