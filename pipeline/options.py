@@ -11,6 +11,7 @@ from typing import Any
 
 from pipeline import files
 from schemas.cli import UsageError
+from storage import staging
 
 # Beam flags recorded with their values in the manifest: how and where the job ran. Any other
 # Beam flag is recorded by name only, since it may carry a credential (--s3_secret_access_key,
@@ -42,6 +43,19 @@ RECORDED_BEAM_FLAGS = frozenset(
         "staging_location",
     }
 )
+
+
+class StagedJob:
+    """Mixin of a resolved job (a dataclass with ``config.output_dir``): where it writes."""
+
+    @property
+    def output_dir(self) -> str:
+        return self.config.output_dir
+
+    @property
+    def work_dir(self) -> str:
+        """Where the pipeline writes; published to ``output_dir`` when complete."""
+        return staging.staging_dir(self.config.output_dir)
 
 
 def add_output_flags(parser: argparse.ArgumentParser, what: str) -> None:

@@ -23,7 +23,7 @@ from apache_beam.runners.runner import PipelineResult
 
 from pipeline import files, images, prediction_report, scoring
 from pipeline.cli import JobIncomplete, check_beam_flags, is_dry_run, run_pipeline
-from pipeline.options import add_output_flags, check_inputs_outside
+from pipeline.options import StagedJob, add_output_flags, check_inputs_outside
 from pipeline.records import ERRORS, SOURCE_CSV, SOURCE_PATTERN, error_to_json
 from schemas import manifest as manifest_lib
 from schemas import serving
@@ -57,7 +57,7 @@ class PredictConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class PredictJob:
+class PredictJob(StagedJob):
     """What :func:`resolve` found for a config: the export, its labels, the input sources."""
 
     config: PredictConfig
@@ -66,15 +66,6 @@ class PredictJob:
     sources: list[tuple[str, str]]
     previous_outputs: list[str]
     normalisation: dict = dataclasses.field(default_factory=dict)
-
-    @property
-    def output_dir(self) -> str:
-        return self.config.output_dir
-
-    @property
-    def work_dir(self) -> str:
-        """Where the pipeline writes; published to ``output_dir`` when complete."""
-        return staging.staging_dir(self.config.output_dir)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -334,6 +325,11 @@ def run_config(config: PredictConfig, beam_args, test_pipeline=None) -> Pipeline
     """
     job = resolve(config)
     with DirLock(config.output_dir, PROG, "--output_dir", config.break_lock):
+        staging.recover(
+            config.output_dir,
+            prediction_report.SUMMARY_FILE,
+            prediction_report.existing_outputs,
+        )
         job = find_previous_outputs(job)
         staging.reset(job.output_dir)
         result = run_pipeline(lambda p: build_pipeline(p, job), beam_args, test_pipeline)

@@ -21,7 +21,7 @@ from apache_beam.runners.runner import PipelineResult
 from backbones import hub, registry
 from pipeline import analyze, csv_rows, dataset, files, images, sinks, transforms
 from pipeline.cli import JobIncomplete, check_beam_flags, is_dry_run, run_pipeline
-from pipeline.options import add_output_flags, check_inputs_outside, recorded_options
+from pipeline.options import StagedJob, add_output_flags, check_inputs_outside, recorded_options
 from pipeline.records import ERRORS, error_to_json
 from schemas import csv_format
 from schemas import manifest as manifest_lib
@@ -141,22 +141,13 @@ class Inputs:
 
 
 @dataclasses.dataclass(frozen=True)
-class Job:
+class Job(StagedJob):
     """A resolved run: its inputs, the probed backbone and what an earlier run left."""
 
     config: Config
     inputs: Inputs
     backbone: BackboneSpec
     previous_outputs: list[str]
-
-    @property
-    def output_dir(self) -> str:
-        return self.config.output_dir
-
-    @property
-    def work_dir(self) -> str:
-        """Where the pipeline writes; published to ``output_dir`` when complete."""
-        return staging.staging_dir(self.config.output_dir)
 
 
 def parse_config(argv: Sequence[str] | None = None) -> tuple[Config, list[str]]:
@@ -363,6 +354,11 @@ def run_config(config: Config, beam_args: Sequence[str], test_pipeline=None) -> 
     """
     inputs = resolve_inputs(config)
     with DirLock(config.output_dir, PROG, "--output_dir", config.break_lock):
+        staging.recover(
+            config.output_dir,
+            manifest_lib.MANIFEST_FILE,
+            dataset.existing_outputs,
+        )
         job = resolve(config, inputs)
         staging.reset(job.output_dir)
         result = run_pipeline(lambda p: build_pipeline(p, job), beam_args, test_pipeline)

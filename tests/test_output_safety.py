@@ -316,3 +316,39 @@ def test_a_run_that_writes_no_manifest_fails_and_only_a_dry_run_may(
     assert _preprocess(images, out, tiny_backbone, "--overwrite", "--dry_run=True") == 0
     assert "dry run" in capsys.readouterr().out
     assert manifest_lib.read_manifest(str(out)) == manifest
+
+
+def test_a_publish_killed_half_way_is_finished_by_the_next_run(tmp_path, monkeypatch):
+    out = str(tmp_path / "out")
+    old = {"manifest.json": "old", "a-0.gz": "old", "labels.txt": "old"}
+    new = {"manifest.json": "new", "b-0.gz": "new", "b-1.gz": "new", "labels.txt": "new"}
+    for name, text in old.items():
+        _write(f"{out}/{name}", text)
+    work = staging.reset(out)
+    for name, text in new.items():
+        _write(f"{work}/{name}", text)
+
+    def layout(directory):
+        return [n for n in tf.io.gfile.listdir(directory) if n.endswith((".gz", ".json", ".txt"))]
+
+    real_move, moves = staging.move, []
+
+    def killed_after_one_move(source, target):
+        if moves:
+            raise KeyboardInterrupt("SIGKILL")  # the process dies here
+        moves.append(source)
+        real_move(source, target)
+
+    monkeypatch.setattr(staging, "move", killed_after_one_move)
+    with pytest.raises(KeyboardInterrupt):
+        staging.publish(out, list(new), [f"{out}/{n}" for n in old], "manifest.json")
+    monkeypatch.undo()
+    assert not os.path.exists(f"{out}/manifest.json")  # the moment a kill can expose
+
+    def existing(directory):
+        return [f"{directory}/{n}" for n in layout(directory)]
+
+    assert staging.recover(out, "manifest.json", existing)
+    assert {n: _read(f"{out}/{n}") for n in layout(out)} == new  # the new set, whole
+    assert not os.path.exists(work)
+    assert not staging.recover(out, "manifest.json", existing)  # nothing left to do

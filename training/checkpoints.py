@@ -23,7 +23,7 @@ import tf_keras
 from schemas.cli import UsageError
 from training.config import TrainConfig
 from training.data import Dataset
-from training.layout import CHECKPOINT_DIR, CONFIG_FILE, LOGS_DIR
+from training.layout import CHECKPOINT_DIR, CONFIG_FILE, HISTORY_FILE, LOGS_DIR
 
 _LOGGER = logging.getLogger(__name__)
 DATA_FINGERPRINT = "data_fingerprint"
@@ -158,11 +158,27 @@ def has_checkpoint(model_dir: str, stage: str) -> bool:
     return latest_checkpoint(stage_dir(model_dir, stage))[0] is not None
 
 
+def _keep_epochs(history: dict, stage: str, epochs: int) -> None:
+    """Drops the epochs of ``stage`` beyond its first ``epochs`` from ``history`` (in place)."""
+    stages = history.get("stage", [])
+    keep, seen = [], 0
+    for i, name in enumerate(stages):
+        if name == stage:
+            seen += 1
+            if seen > epochs:
+                continue
+        keep.append(i)
+    if len(keep) < len(stages):
+        for key, values in history.items():
+            history[key] = [values[i] for i in keep if i < len(values)]
+
+
 def fit_stage(model, config, train_ds, eval_ds, *, stage: str, epochs: int, class_weight, history):
     """Fits one stage with per-epoch checkpoints, resuming from this stage's last one.
 
-    A finished stage is not trained again: its final weights are loaded. New epochs are appended
-    to ``history`` (a Keras ``History.history``-style dict with a ``stage`` list).
+    A finished stage is not trained again: its final weights are loaded. Each epoch is appended
+    to ``history`` (a Keras ``History.history``-style dict with a ``stage`` list) and written to
+    ``history.json`` as it ends, so a killed run's epochs are not lost on resume.
     """
     directory = stage_dir(config.model_dir, stage)
     final = os.path.join(directory, "final", "weights")
@@ -175,10 +191,20 @@ def fit_stage(model, config, train_ds, eval_ds, *, stage: str, epochs: int, clas
     if latest:
         model.load_weights(latest)
         _LOGGER.info("resuming %s from %s (epoch %d)", stage, latest, initial_epoch)
+    _keep_epochs(history, stage, initial_epoch)  # a killed run may have logged one more
     stopper = tf_keras.callbacks.EarlyStopping(
         monitor="val_loss", patience=config.patience, restore_best_weights=True
     )
+    history_path = os.path.join(config.model_dir, HISTORY_FILE)
+
+    def log_epoch(epoch, logs):  # before the checkpoint: a resume never loses an epoch
+        for key, value in (logs or {}).items():
+            history.setdefault(key, []).append(float(value))
+        history.setdefault("stage", []).append(stage)
+        write_json(history_path, history)
+
     callbacks = [
+        tf_keras.callbacks.LambdaCallback(on_epoch_end=log_epoch),
         tf_keras.callbacks.ModelCheckpoint(
             os.path.join(directory, "ckpt-{epoch:04d}"), save_weights_only=True
         ),
@@ -194,9 +220,6 @@ def fit_stage(model, config, train_ds, eval_ds, *, stage: str, epochs: int, clas
         callbacks=callbacks,
         verbose=2,
     )
-    for key, values in fitted.history.items():
-        history.setdefault(key, []).extend(float(v) for v in values)
-    history.setdefault("stage", []).extend([stage] * len(fitted.epoch))
     model.save_weights(final)
     done = initial_epoch + len(fitted.epoch)
     write_json(
