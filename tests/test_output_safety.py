@@ -352,3 +352,18 @@ def test_a_publish_killed_half_way_is_finished_by_the_next_run(tmp_path, monkeyp
     assert {n: _read(f"{out}/{n}") for n in layout(out)} == new  # the new set, whole
     assert not os.path.exists(work)
     assert not staging.recover(out, "manifest.json", existing)  # nothing left to do
+
+
+@pytest.mark.slow
+def test_max_file_bytes_flag_rejects_bigger_files_unread(tmp_path, images, tiny_backbone, capsys):
+    sizes = sorted(p.stat().st_size for p in images.rglob("*.jpg"))
+    cap = sizes[len(sizes) // 2]  # about half the images are bigger than this
+    out = tmp_path / "data"
+    assert _preprocess(images, out, tiny_backbone, f"--max_file_bytes={cap}") == 0
+    manifest = manifest_lib.read_manifest(str(out))
+    bigger = sum(size > cap for size in sizes)
+    assert manifest.rejected_by_reason == {"too_large": bigger} and bigger > 0
+    assert manifest.rows.written == len(sizes) - bigger
+    assert manifest.options["max_file_bytes"] == cap
+    assert _preprocess(images, tmp_path / "x", tiny_backbone, "--max_file_bytes=0") == 2
+    assert "--max_file_bytes must be positive" in capsys.readouterr().err
