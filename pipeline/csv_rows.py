@@ -4,7 +4,7 @@ This module owns the parsing rules of the label-CSV format described in
 :mod:`schemas.csv_format`: header detection, quoting, line numbers, relative-URI resolution and
 the per-row checks. Every accepted data row becomes a :class:`~pipeline.records.Row`; every
 rejected one becomes an :class:`~schemas.errors.ErrorRecord` with ``stage="parse"`` and
-category ``"bad_row"``, so nothing is dropped without a trace.
+category :data:`~schemas.errors.BAD_ROW`, so nothing is dropped without a trace.
 
 There are no Beam transforms here: the functions are plain Python (file access is
 :mod:`pipeline.files`, so local paths and ``gs://`` both work) and are wrapped by the pipeline's
@@ -78,7 +78,7 @@ def parse_csv(source: str, text: str, *, require_label: bool = True) -> Iterator
 
     Yields:
       In file order, a ``Row`` per accepted data row and an ``ErrorRecord`` (stage ``"parse"``,
-      category ``"bad_row"``) per malformed row: wrong column count, empty URI, empty label,
+      category :data:`~schemas.errors.BAD_ROW`) per malformed row: wrong column count, empty URI, empty label,
       a label with a line break or another control character (:func:`label_problem`), invalid
       split value, a repeated header, or a row the ``csv`` module cannot parse.
       ``line`` is the 1-based physical line where the row starts (a header is line 1) and
@@ -141,7 +141,7 @@ def read_csv(path: str, *, require_label: bool = True) -> Iterator[Row | ErrorRe
     The file is opened with ``FileSystems.open`` (any Beam filesystem; compressed files such as
     ``.csv.gz`` are decompressed by extension) and decoded as UTF-8, a BOM allowed. A file that
     is not valid UTF-8 yields ONE ``ErrorRecord`` for the whole file (``line`` 0, empty
-    ``row``, category ``"bad_row"``) whose reason names the offending byte and its line; none
+    ``row``, category :data:`~schemas.errors.BAD_ROW`) whose reason names the offending byte and its line; none
     of its rows are read.
 
     Args:

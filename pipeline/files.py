@@ -223,9 +223,9 @@ def list_image_dir(image_dir: str) -> Iterator[Row | ErrorRecord]:
     ``FileSystems.match``), so a bad ``--image_dir`` raises when this is called, not when the
     result is iterated. Hidden entries (a file or folder name starting with ``'.'``, e.g.
     ``.DS_Store``) are skipped. Files directly in ``DIR`` and files nested below a class folder
-    (``DIR/<label>/sub/<file>``) become ``ErrorRecord`` s with category ``"bad_row"``. A local
+    (``DIR/<label>/sub/<file>``) become ``ErrorRecord`` s with category :data:`~schemas.errors.BAD_ROW`. A local
     sub-folder that cannot be listed (no permission) becomes one ``ErrorRecord`` (category
-    ``"unreadable"``, ``row`` = its relative path with a trailing ``/``), so its files are
+    :data:`~schemas.errors.UNREADABLE`, ``row`` = its relative path with a trailing ``/``), so its files are
     counted as a rejected row instead of vanishing.
 
     Args:

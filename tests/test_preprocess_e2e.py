@@ -16,7 +16,7 @@ from backbones.inputs import decode_to_backbone_input
 from pipeline import preprocess
 from schemas import csv_format, features
 from schemas import manifest as manifest_lib
-from schemas.errors import ERROR_FIELDS
+from schemas.errors import CATEGORIES, ERROR_FIELDS, STAGES
 from tests.conftest import CLASS_COLOURS, photo, write_dataset
 
 pytestmark = pytest.mark.slow
@@ -184,6 +184,7 @@ def test_error_records_name_source_line_and_reason(first_run, dataset):
     by_uri = {os.path.basename(e["uri"]): e for e in errors if e["uri"]}
     for e in errors:
         assert set(ERROR_FIELDS) <= set(e)
+        assert e["stage"] in STAGES and e["category"] in CATEGORIES  # the documented words
         assert e["csv"] == str(csv_path)
         assert e["reason"]
     # header is line 1, 36 good rows, blank line 38 -> truncated.jpg is line 39

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from schemas import backbones, csv_format, features, manifest
+from schemas import backbones, csv_format, errors, features, manifest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CODE_DIRS = ("backbones", "evaluation", "pipeline", "training", "demo", "benchmarks")
@@ -87,3 +87,15 @@ def test_manifest_rejects_other_schema_version(tmp_path):
 
 def test_split_names_are_the_csv_contract():
     assert csv_format.SPLITS == ("train", "eval", "test")
+
+
+@pytest.mark.parametrize("word", errors.CATEGORIES)
+def test_no_error_category_literal_outside_schemas(word):
+    """Categories are written to errors files and counted in the manifest: one spelling."""
+    offenders = [
+        str(path.relative_to(ROOT))
+        for folder in CODE_DIRS
+        for path in (ROOT / folder).rglob("*.py")
+        if re.search(rf"[\"']{re.escape(word)}[\"']", path.read_text())
+    ]
+    assert not offenders, f"{word!r} spelled outside schemas/errors.py: {offenders}"

@@ -14,7 +14,7 @@ import tensorflow as tf
 from PIL import Image
 
 from pipeline import preprocess
-from schemas import csv_format, features
+from schemas import csv_format, features, serving
 from schemas import manifest as manifest_lib
 from schemas.cli import UsageError
 from tests.conftest import CLASS_COLOURS, write_dataset
@@ -52,7 +52,10 @@ def _train(data_dir, model_dir, *flags):
 
 
 def _serve(export_dir):
-    return tf.saved_model.load(export_dir).signatures["serving_default"]
+    serve = tf.saved_model.load(export_dir).signatures[serving.SIGNATURE_NAME]
+    assert set(serve.structured_outputs) == set(serving.OUTPUT_KEYS)  # the serving contract
+    assert list(serve.structured_input_signature[1]) == [serving.INPUT_KEY]
+    return serve
 
 
 def _test_images(data_dir):
