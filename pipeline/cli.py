@@ -11,6 +11,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.runner import PipelineResult
 
 from schemas.cli import UsageError
+from storage import staging
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -42,6 +43,34 @@ def run_pipeline(
     build(p)
     result = p.run()
     result.wait_until_finish()
+    return result
+
+
+def run_staged(
+    job, build: Callable, beam_args: Sequence[str], test_pipeline, marker: str, names: Callable
+) -> PipelineResult:
+    """Runs a job into its staging folder and publishes its outputs when complete.
+
+    Args:
+      job: a resolved :class:`~pipeline.options.StagedJob` (with ``previous_outputs``).
+      build: ``build(pipeline, job)`` adds the job to a pipeline.
+      marker: the output whose presence says the job's outputs are complete.
+      names: the job's output layout: the names of its outputs present in a dir.
+
+    Raises:
+      JobIncomplete: the runner returned without the job writing ``marker`` (not on a dry run,
+        which builds the job and publishes nothing).
+    """
+    staging.reset(job.output_dir)
+    result = run_pipeline(lambda p: build(p, job), beam_args, test_pipeline)
+    if is_dry_run(beam_args):
+        return result
+    new = names(job.work_dir)
+    if marker not in new:
+        raise JobIncomplete(
+            f"the job wrote no {marker}; {job.output_dir} was left as it was (see the runner's log)"
+        )
+    staging.publish(job.output_dir, new, job.previous_outputs, marker)
     return result
 
 

@@ -22,7 +22,7 @@ from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.runners.runner import PipelineResult
 
 from pipeline import files, images, prediction_report, scoring
-from pipeline.cli import JobIncomplete, check_beam_flags, is_dry_run, run_pipeline
+from pipeline.cli import JobIncomplete, check_beam_flags, is_dry_run, run_staged
 from pipeline.options import StagedJob, add_output_flags, check_inputs_outside
 from pipeline.records import ERRORS, SOURCE_CSV, SOURCE_PATTERN, error_to_json
 from schemas import manifest as manifest_lib
@@ -331,19 +331,14 @@ def run_config(config: PredictConfig, beam_args, test_pipeline=None) -> Pipeline
             prediction_report.existing_outputs,
         )
         job = find_previous_outputs(job)
-        staging.reset(job.output_dir)
-        result = run_pipeline(lambda p: build_pipeline(p, job), beam_args, test_pipeline)
-        if is_dry_run(beam_args):
-            return result
-        new = prediction_report.output_names(job.work_dir)
-        marker = prediction_report.SUMMARY_FILE
-        if marker not in new:
-            raise JobIncomplete(
-                f"the job wrote no {marker}; {job.output_dir} was left as it was "
-                "(see the runner's log)"
-            )
-        staging.publish(job.output_dir, new, job.previous_outputs, marker=marker)
-    return result
+        return run_staged(
+            job,
+            build_pipeline,
+            beam_args,
+            test_pipeline,
+            prediction_report.SUMMARY_FILE,
+            prediction_report.output_names,
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -20,7 +20,7 @@ from apache_beam.runners.runner import PipelineResult
 
 from backbones import hub, registry
 from pipeline import analyze, csv_rows, dataset, files, images, sinks, transforms
-from pipeline.cli import JobIncomplete, check_beam_flags, is_dry_run, run_pipeline
+from pipeline.cli import JobIncomplete, check_beam_flags, is_dry_run, run_staged
 from pipeline.options import StagedJob, add_output_flags, check_inputs_outside, recorded_options
 from pipeline.records import ERRORS, error_to_json
 from schemas import csv_format
@@ -360,18 +360,14 @@ def run_config(config: Config, beam_args: Sequence[str], test_pipeline=None) -> 
             dataset.existing_outputs,
         )
         job = resolve(config, inputs)
-        staging.reset(job.output_dir)
-        result = run_pipeline(lambda p: build_pipeline(p, job), beam_args, test_pipeline)
-        if is_dry_run(beam_args):
-            return result
-        new = dataset.output_names(job.work_dir)
-        if manifest_lib.MANIFEST_FILE not in new:
-            raise JobIncomplete(
-                f"the job wrote no {manifest_lib.MANIFEST_FILE}; {job.output_dir} was left as "
-                "it was (see the runner's log)"
-            )
-        staging.publish(job.output_dir, new, job.previous_outputs, manifest_lib.MANIFEST_FILE)
-    return result
+        return run_staged(
+            job,
+            build_pipeline,
+            beam_args,
+            test_pipeline,
+            manifest_lib.MANIFEST_FILE,
+            dataset.output_names,
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -12,7 +12,7 @@ import sys
 import pytest
 import tensorflow as tf
 
-from pipeline import options, preprocess
+from pipeline import cli, options, preprocess
 from schemas import manifest as manifest_lib
 from schemas.cli import UsageError
 from storage import locks, staging
@@ -196,7 +196,7 @@ def test_failed_overwrite_keeps_the_previous_dataset_and_a_good_one_replaces_it(
         (out / staging.STAGING_DIR / "train-00000-of-00001.tfrecord.gz").write_bytes(b"half")
         raise RuntimeError("worker lost")
 
-    monkeypatch.setattr(preprocess, "run_pipeline", crash)
+    monkeypatch.setattr(cli, "run_pipeline", crash)
     with pytest.raises(RuntimeError, match="worker lost"):
         _preprocess(images, out, tiny_backbone, "--overwrite")
     assert manifest_lib.read_manifest(str(out)) == manifest  # still the complete old dataset
@@ -306,7 +306,7 @@ def test_a_run_that_writes_no_manifest_fails_and_only_a_dry_run_may(
     assert _preprocess(images, out, tiny_backbone) == 0
     manifest = manifest_lib.read_manifest(str(out))
     capsys.readouterr()
-    monkeypatch.setattr(preprocess, "run_pipeline", lambda build, beam_args, p=None: None)
+    monkeypatch.setattr(cli, "run_pipeline", lambda build, beam_args, p=None: None)
     assert _preprocess(images, out, tiny_backbone, "--overwrite") == 1  # the runner wrote nothing
     assert capsys.readouterr().err.strip() == (
         f"hubflow-preprocess: error: the job wrote no manifest.json; {out} was left as it was "
