@@ -223,8 +223,12 @@ def resolve(config: Config, inputs: Inputs) -> Job:
     """
     previous = dataset.existing_outputs(config.output_dir)
     if previous and not config.overwrite:
+        complete = FileSystems.exists(manifest_lib.manifest_path(config.output_dir))
+        what = (
+            "a dataset" if complete else f"an incomplete dataset (no {manifest_lib.MANIFEST_FILE})"
+        )
         raise UsageError(
-            f"--output_dir: {config.output_dir} already holds a dataset ({len(previous)} files); "
+            f"--output_dir: {config.output_dir} already holds {what} ({len(previous)} files); "
             "pass --overwrite to replace it or choose another directory"
         )
     try:

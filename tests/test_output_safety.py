@@ -367,3 +367,14 @@ def test_max_file_bytes_flag_rejects_bigger_files_unread(tmp_path, images, tiny_
     assert manifest.options["max_file_bytes"] == cap
     assert _preprocess(images, tmp_path / "x", tiny_backbone, "--max_file_bytes=0") == 2
     assert "--max_file_bytes must be positive" in capsys.readouterr().err
+
+
+def test_leftovers_without_a_manifest_are_called_incomplete(tmp_path, images, capsys):
+    out = tmp_path / "data"
+    out.mkdir()
+    (out / "train-00000-of-00001.tfrecord.gz").write_bytes(b"left by an old version")
+    assert preprocess.main([f"--image_dir={images}", f"--output_dir={out}"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"hubflow-preprocess: error: --output_dir: {out} already holds an incomplete dataset "
+        "(no manifest.json) (1 files); pass --overwrite to replace it or choose another directory"
+    )
