@@ -16,11 +16,13 @@ from typing import Any
 
 import numpy as np
 
+from schemas.serving import MAX_TOP_K
+
 _LOGGER = logging.getLogger(__name__)
 
 # Probabilities are clipped to [EPSILON, 1] before the log, as Keras does.
 EPSILON = 1e-7
-DEFAULT_MAX_K = 5
+DEFAULT_MAX_K = MAX_TOP_K  # the serving contract's top-k
 
 
 def _validate_inputs(

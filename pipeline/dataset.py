@@ -18,10 +18,11 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline import analyze
+from pipeline import analyze, files
 from schemas import csv_format, features
 from schemas import manifest as manifest_lib
 from schemas.backbones import BackboneSpec
+from storage.fileops import basename
 from storage.staging import temp_folders
 
 # Row events counted into the manifest's row accounting: (kind, *details).
@@ -41,13 +42,6 @@ VERSIONED_PACKAGES = (
 )
 
 
-def _match(patterns: list[str]) -> list[str]:
-    found = []
-    for result in FileSystems.match(patterns):
-        found += [m.path for m in result.metadata_list]
-    return found
-
-
 def output_paths(directory: str) -> list[str]:
     """The dataset files and folders present in ``directory`` (manifest, labels, shards,
     errors, tf.Transform output): exactly what this job writes, nothing else."""
@@ -57,7 +51,7 @@ def output_paths(directory: str) -> list[str]:
         FileSystems.join(directory, features.tfrecord_pattern(s)) for s in csv_format.SPLITS
     ]
     patterns.append(FileSystems.join(directory, f"{manifest_lib.ERRORS_PREFIX}-*"))
-    found = _match(patterns)
+    found = files.match_paths(patterns)
     for name in (manifest_lib.TRANSFORM_FN_DIR, manifest_lib.TRANSFORMED_METADATA_DIR):
         if FileSystems.exists(FileSystems.join(directory, name)):
             found.append(FileSystems.join(directory, name))
@@ -66,7 +60,7 @@ def output_paths(directory: str) -> list[str]:
 
 def output_names(directory: str) -> list[str]:
     """:func:`output_paths` relative to ``directory``."""
-    return [path.rstrip("/").rsplit("/", 1)[-1] for path in output_paths(directory)]
+    return [basename(path) for path in output_paths(directory)]
 
 
 def existing_outputs(output_dir: str) -> list[str]:

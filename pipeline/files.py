@@ -75,6 +75,11 @@ def check_max_bytes(max_bytes: int) -> int:
     return max_bytes
 
 
+def match_paths(patterns: list[str]) -> list[str]:
+    """Every path matching any of ``patterns`` (Beam filesystems; files only, as Beam lists)."""
+    return [m.path for result in FileSystems.match(patterns) for m in result.metadata_list]
+
+
 def read_image_bytes(uri: str, max_bytes: int) -> bytes:
     """The raw bytes of an image file (never decompressed by extension), read with a size cap.
 

@@ -14,7 +14,9 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from evaluation.metrics import confusion_report
+from pipeline import files
 from schemas import manifest as manifest_lib
+from storage.fileops import basename
 from storage.staging import temp_folders
 
 PREDICTIONS_PREFIX = "predictions"
@@ -35,22 +37,18 @@ def output_paths(directory: str) -> list[str]:
         METRICS_FILE,
         CONFUSION_PNG,
     ]
-    return _match([FileSystems.join(directory, p) for p in patterns])
+    return files.match_paths([FileSystems.join(directory, p) for p in patterns])
 
 
 def output_names(directory: str) -> list[str]:
     """:func:`output_paths` relative to ``directory``."""
-    return [path.rstrip("/").rsplit("/", 1)[-1] for path in output_paths(directory)]
+    return [basename(path) for path in output_paths(directory)]
 
 
 def existing_outputs(output_dir: str) -> list[str]:
     """Earlier predictions in ``output_dir`` and their writers' temp files: all ``--overwrite``
     may delete. The user's other files there (the input CSV, notes, images) are never listed."""
     return output_paths(output_dir) + temp_folders(output_dir)
-
-
-def _match(patterns: list[str]) -> list[str]:
-    return [m.path for r in FileSystems.match(patterns) for m in r.metadata_list]
 
 
 def summarize(

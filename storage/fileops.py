@@ -15,6 +15,11 @@ def join(*parts: str) -> str:
     return posixpath.join(parts[0].rstrip("/"), *parts[1:])
 
 
+def basename(path: str) -> str:
+    """The last name of a path or URL (a folder's too, with or without its trailing slash)."""
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
 def delete(path: str) -> None:
     """Deletes a file or a folder with its contents; nothing there is fine."""
     if tf.io.gfile.isdir(path):

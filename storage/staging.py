@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 
 import tensorflow as tf
 
-from storage.fileops import delete, join, move
+from storage.fileops import basename, delete, join, move
 
 _LOGGER = logging.getLogger(__name__)
 STAGING_DIR = ".hubflow-staging"
@@ -109,7 +109,7 @@ def _finish(output_dir: str, new: Sequence[str], old: Sequence[str], marker: str
         delete(join(output_dir, marker))
         new_names = set(new)
         for path in old:  # old outputs the new set does not replace
-            if path.rstrip("/").rsplit("/", 1)[-1] not in new_names:
+            if basename(path) not in new_names:
                 delete(path)
         for name in sorted(new_names - {marker}):
             if tf.io.gfile.exists(join(staging, name)):  # else moved in before a kill

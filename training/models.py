@@ -15,6 +15,7 @@ import tensorflow as tf
 import tf_keras
 
 from backbones.hub import keras_layer
+from schemas import serving
 from schemas.backbones import BackboneSpec
 from training import schedules
 from training.config import TrainConfig
@@ -193,7 +194,7 @@ def optimizer(name: str, learning_rate):
 
 def compile_model(model, config: TrainConfig, num_classes: int, learning_rate: float, steps: int):
     """Compiles with the configured optimizer and schedule (over ``steps``), loss and metrics."""
-    k = min(5, num_classes)
+    k = serving.top_k(num_classes)
     model.compile(
         optimizer=optimizer(
             config.optimizer, schedules.make_schedule(config.lr_schedule, learning_rate, steps)
