@@ -21,6 +21,11 @@ REQUIRED = [
     "protobuf>=4.21,<7",
     # Exclusive locks on output dirs (also a dependency of apache-beam).
     "fasteners>=0.18",
+    # Beam's stager builds the --setup_file sdist with `python -m build --no-isolation`
+    # (offline); without it, it falls back to the deprecated `setup.py sdist`. The build
+    # backend must be new enough for pyproject.toml's [build-system] (a fresh venv has 65).
+    "build>=1.2",
+    "setuptools>=68",
 ]
 
 setuptools.setup(
