@@ -50,7 +50,14 @@ setuptools.setup(
     ),
     install_requires=REQUIRED,
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "scikit-image>=0.22,<0.27"],
+        "dev": [
+            "pytest>=8",
+            "pytest-timeout>=2.3",
+            "ruff>=0.6",
+            "scikit-image>=0.22,<0.27",
+            # tests/test_containers.py parses containers/Dockerfile*.
+            "dockerfile-parse>=2,<3",
+        ],
     },
     entry_points={
         "console_scripts": [
