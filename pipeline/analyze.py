@@ -103,9 +103,12 @@ class AnalyzeAndWriteTransformFn(beam.PTransform):
     steps after it.
     """
 
-    def __init__(self, output_dir: str, embedding_dim: int, batch_size: int = 1000):
+    def __init__(
+        self, output_dir: str, embedding_dim: int, batch_size: int = 1000, temp_dir: str = ""
+    ):
         super().__init__()
         self._output_dir = output_dir
+        self._temp_dir = temp_dir or tft_temp_dir(output_dir)
         self._embedding_dim = embedding_dim
         self._batch_size = batch_size
 
@@ -119,7 +122,7 @@ class AnalyzeAndWriteTransformFn(beam.PTransform):
             >> beam.BatchElements(min_batch_size=self._batch_size, max_batch_size=self._batch_size)
             | "ToRecordBatch" >> beam.Map(embeddings_to_record_batch, config.arrow_schema)
         )
-        with tft_beam.Context(temp_dir=tft_temp_dir(self._output_dir)):
+        with tft_beam.Context(temp_dir=self._temp_dir):
             transform_fn = (batches, config) | "Analyze" >> tft_beam.AnalyzeDataset(
                 embedding_statistics_fn
             )

@@ -10,6 +10,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.runner import PipelineResult
 
+from pipeline import remote
 from schemas.cli import UsageError
 from storage import staging
 
@@ -17,10 +18,12 @@ _LOGGER = logging.getLogger(__name__)
 
 
 def check_beam_flags(beam_args: Sequence[str]) -> None:
-    """Raises :class:`UsageError` naming the first flag nobody knows (a typo, most likely)."""
+    """Raises :class:`UsageError` naming the first flag nobody knows (a typo, most likely), or
+    a Dataflow location Beam would reject (:func:`~pipeline.remote.check_locations`)."""
     unknown = unknown_flags(beam_args)
     if unknown:
         raise UsageError(f"unrecognized flag {unknown[0]} (see --help)")
+    remote.check_locations(beam_args)
 
 
 class JobIncomplete(RuntimeError):
@@ -39,6 +42,7 @@ def run_pipeline(
 ) -> PipelineResult:
     """Builds the job into a pipeline made from ``beam_args`` (or ``test_pipeline``), runs it
     and waits for it to finish."""
+    remote.warn_about_container_image(beam_args)
     p = test_pipeline or beam.Pipeline(options=PipelineOptions(list(beam_args)))
     build(p)
     result = p.run()
@@ -58,13 +62,12 @@ def run_staged(
       names: the job's output layout: the names of its outputs present in a dir.
 
     Raises:
-      JobIncomplete: the runner returned without the job writing ``marker`` (not on a dry run,
-        which builds the job and publishes nothing).
+      JobIncomplete: the runner returned without the job writing ``marker``.
     """
+    if is_dry_run(beam_args):
+        raise ValueError("a dry run builds the job without running it: use the job's dry_run()")
     staging.reset(job.output_dir)
     result = run_pipeline(lambda p: build(p, job), beam_args, test_pipeline)
-    if is_dry_run(beam_args):
-        return result
     new = names(job.work_dir)
     if marker not in new:
         raise JobIncomplete(

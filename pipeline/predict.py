@@ -21,7 +21,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.runners.runner import PipelineResult
 
-from pipeline import files, images, prediction_report, scoring
+from pipeline import files, images, prediction_report, remote, scoring
 from pipeline.cli import JobIncomplete, check_beam_flags, is_dry_run, run_staged
 from pipeline.options import StagedJob, add_output_flags, check_inputs_outside
 from pipeline.records import ERRORS, SOURCE_CSV, SOURCE_PATTERN, error_to_json
@@ -66,6 +66,8 @@ class PredictJob(StagedJob):
     sources: list[tuple[str, str]]
     previous_outputs: list[str]
     normalisation: dict = dataclasses.field(default_factory=dict)
+    worker_model_dir: str = ""  # where the workers load the export (a staged copy on Dataflow)
+    notes: tuple[str, ...] = ()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,18 +110,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_model_dir(path: str) -> str:
-    """``export/<n>`` itself, or the highest numbered version under it."""
+    """``export/<n>`` itself, or the highest numbered version under it, or under the
+    ``export/`` of a trainer's model dir."""
     if FileSystems.exists(FileSystems.join(path, "saved_model.pb")):
         return path
     versions = []
-    for result in FileSystems.match([FileSystems.join(path, "*", "saved_model.pb")]):
-        for m in result.metadata_list:
-            version = os.path.basename(os.path.dirname(m.path))
-            if version.isdigit():
-                versions.append((int(version), os.path.dirname(m.path)))
-    if not versions:
-        raise UsageError(f"--model: no SavedModel in {path} or its numbered sub-folders")
-    return max(versions)[1]
+    for folder in (path, FileSystems.join(path, serving.EXPORT_DIR)):
+        for result in FileSystems.match([FileSystems.join(folder, "*", "saved_model.pb")]):
+            for m in result.metadata_list:
+                version = os.path.basename(os.path.dirname(m.path))
+                if version.isdigit():
+                    versions.append((int(version), os.path.dirname(m.path)))
+        if versions:
+            return max(versions)[1]
+    raise UsageError(
+        f"--model: no SavedModel in {path}, its numbered sub-folders or its {serving.EXPORT_DIR}/"
+    )
 
 
 def parse_config(argv: Sequence[str] | None = None) -> tuple[PredictConfig, list[str]]:
@@ -153,13 +159,22 @@ def parse_config(argv: Sequence[str] | None = None) -> tuple[PredictConfig, list
     return config, beam_args
 
 
-def resolve(config: PredictConfig) -> PredictJob:
+def resolve(
+    config: PredictConfig, beam_args: Sequence[str] = (), dry_run: bool = False
+) -> PredictJob:
     """Finds the export and its labels, lists the inputs, refuses an output dir that holds an
-    input (:func:`~pipeline.options.check_inputs_outside`). Reads only.
+    input (:func:`~pipeline.options.check_inputs_outside`) and, for a remote runner, stages a
+    local export for the workers (:func:`remote.for_workers`). A dry run reads only local
+    files: other inputs go into the job as given.
 
     Raises:
       UsageError: naming the flag whose value cannot be used.
     """
+    if dry_run and not remote.is_local_path(config.model):
+        raise UsageError(
+            f"--model: a dry run reads the export's labels offline; {config.model} needs the "
+            "network (give a local copy)"
+        )
     model_dir = resolve_model_dir(config.model)
     for required in (serving.LABELS_ASSET, VARIABLES_INDEX):
         if not FileSystems.exists(FileSystems.join(model_dir, required)):
@@ -169,13 +184,16 @@ def resolve(config: PredictConfig) -> PredictJob:
     with FileSystems.open(FileSystems.join(model_dir, serving.LABELS_ASSET)) as f:
         labels = manifest_lib.parse_labels(f.read().decode("utf-8"))
     normalisation = _read_normalisation(model_dir)
+    listed = [c for c in config.input_csvs if not dry_run or remote.is_local_path(c)]
     try:
-        csvs = files.resolve_csv_patterns(config.input_csvs) if config.input_csvs else []
+        csvs = files.resolve_csv_patterns(listed) if listed else []
     except ValueError as e:
         raise UsageError(str(e)) from None
+    csvs += [c for c in config.input_csvs if c not in listed]
     sources = [(SOURCE_CSV, c) for c in csvs]
     for pattern in config.input_patterns:
-        if not any(r.metadata_list for r in FileSystems.match([pattern])):
+        listable = not dry_run or remote.is_local_path(pattern)
+        if listable and not any(r.metadata_list for r in FileSystems.match([pattern])):
             raise UsageError(f"--input_pattern: no file matches {pattern!r}")
         sources.append((SOURCE_PATTERN, pattern))
     check_inputs_outside(
@@ -184,7 +202,11 @@ def resolve(config: PredictConfig) -> PredictJob:
         input_dirs=[model_dir],
         input_patterns=config.input_patterns,
     )
-    return PredictJob(config, model_dir, labels, sources, [], normalisation)
+    worker_dir, note = remote.for_workers(
+        model_dir, beam_args, kind="model", flag="--model", value=config.model, dry_run=dry_run
+    )
+    notes = (note,) if note else ()
+    return PredictJob(config, model_dir, labels, sources, [], normalisation, worker_dir, notes)
 
 
 def _read_normalisation(model_dir: str) -> dict:
@@ -243,7 +265,9 @@ def build_pipeline(p: beam.Pipeline, job: PredictJob) -> None:
         ).with_outputs(ERRORS, main="ok")
     )
     handler = KeyedModelHandler(
-        scoring.ServingSignatureModelHandler(job.model_dir, config.batch_size)
+        scoring.ServingSignatureModelHandler(
+            job.worker_model_dir or job.model_dir, config.batch_size
+        )
     )
     scored = (
         read.ok
@@ -323,7 +347,7 @@ def run_config(config: PredictConfig, beam_args, test_pipeline=None) -> Pipeline
     Raises:
       UsageError: on misuse, before the pipeline starts.
     """
-    job = resolve(config)
+    job = resolve(config, beam_args)
     with DirLock(config.output_dir, PROG, "--output_dir", config.break_lock):
         staging.recover(
             config.output_dir,
@@ -341,19 +365,31 @@ def run_config(config: PredictConfig, beam_args, test_pipeline=None) -> Pipeline
         )
 
 
+def dry_run(config: PredictConfig, beam_args: Sequence[str]) -> remote.DryRun:
+    """Builds and translates the job offline (``--dry_run True``); runs and writes nothing.
+
+    Raises:
+      UsageError: on misuse, before the pipeline is built.
+    """
+    job = resolve(config, beam_args, dry_run=True)
+    report = remote.dry_run(lambda p: build_pipeline(p, job), beam_args)
+    report.notes += [*job.notes, *remote.DRY_RUN_SKIPS]
+    return report
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     configure_logging("pipeline")
     try:
         config, beam_args = parse_config(argv)
+        if is_dry_run(beam_args):
+            print(dry_run(config, beam_args).format(PROG))
+            return 0
         run_config(config, beam_args)
     except UsageError as e:
         return report_usage_error(PROG, e)
     except JobIncomplete as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
-    if is_dry_run(beam_args):
-        print(f"{PROG}: dry run: the job was built; nothing was run or written")
-        return 0
     summary = prediction_report.read_summary(config.output_dir)
     print(prediction_report.format_summary(summary))
     print(f"output: {config.output_dir}")

@@ -12,20 +12,31 @@ import dataclasses
 import datetime
 import logging
 import sys
+import tempfile
 from collections.abc import Sequence
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.runners.runner import PipelineResult
 
-from backbones import hub, registry
-from pipeline import analyze, csv_rows, dataset, files, images, sinks, transforms
+from backbones import cache, hub, registry
+from pipeline import (
+    analyze,
+    containers,
+    csv_rows,
+    dataset,
+    files,
+    images,
+    remote,
+    sinks,
+    transforms,
+)
 from pipeline.cli import JobIncomplete, check_beam_flags, is_dry_run, run_staged
 from pipeline.options import StagedJob, add_output_flags, check_inputs_outside, recorded_options
 from pipeline.records import ERRORS, error_to_json
 from schemas import csv_format
 from schemas import manifest as manifest_lib
-from schemas.backbones import BackboneSpec
+from schemas.backbones import BackboneSpec, is_builtin
 from schemas.cli import (
     Parser,
     UsageError,
@@ -146,8 +157,15 @@ class Job(StagedJob):
 
     config: Config
     inputs: Inputs
-    backbone: BackboneSpec
+    backbone: BackboneSpec  # as the manifest records it
     previous_outputs: list[str]
+    worker_backbone: BackboneSpec  # where the workers load it (a staged copy on Dataflow)
+    notes: tuple[str, ...] = ()
+    scratch_dir: str = ""  # tf.Transform's (it writes while the job is built); default: in out
+
+    @property
+    def tft_temp_dir(self) -> str:
+        return self.scratch_dir or analyze.tft_temp_dir(self.work_dir)
 
 
 def parse_config(argv: Sequence[str] | None = None) -> tuple[Config, list[str]]:
@@ -189,19 +207,26 @@ def parse_config(argv: Sequence[str] | None = None) -> tuple[Config, list[str]]:
     return config, beam_args
 
 
-def resolve_inputs(config: Config) -> Inputs:
+def resolve_inputs(config: Config, dry_run: bool = False) -> Inputs:
     """Lists the inputs and reads ``--label_dict``; refuses an output dir that holds an input.
+
+    A dry run lists only local inputs: other patterns go into the job as given.
 
     Raises:
       UsageError: naming the flag whose value cannot be used.
     """
+    listed = [c for c in config.input_csvs if not dry_run or remote.is_local_path(c)]
     try:
-        csv_paths = files.resolve_csv_patterns(config.input_csvs) if config.input_csvs else []
+        csv_paths = files.resolve_csv_patterns(listed) if listed else []
         for image_dir in config.image_dirs:
-            next(iter(files.list_image_dir(image_dir)), None)  # raises on a missing dir
+            if not dry_run or remote.is_local_path(image_dir):
+                next(iter(files.list_image_dir(image_dir)), None)  # raises on a missing dir
     except ValueError as e:
         raise UsageError(str(e)) from e
+    csv_paths += [c for c in config.input_csvs if c not in listed]
     image_dirs = [files.absolute(d) for d in config.image_dirs]
+    if dry_run and config.label_dict and not remote.is_local_path(config.label_dict):
+        raise UsageError(f"--label_dict: a dry run reads {config.label_dict} offline; copy it here")
     try:
         label_dict = csv_rows.read_label_dict(config.label_dict) if config.label_dict else None
     except ValueError as e:
@@ -214,14 +239,15 @@ def resolve_inputs(config: Config) -> Inputs:
     return Inputs(csv_paths, image_dirs, label_dict)
 
 
-def resolve(config: Config, inputs: Inputs) -> Job:
-    """Finds an earlier run's dataset and probes the backbone (under the output dir's lock).
+def resolve(config: Config, inputs: Inputs, beam_args: Sequence[str] = (), dry_run=False) -> Job:
+    """Finds an earlier run's dataset (not on a dry run), probes the backbone and, for a remote
+    runner, stages a local or built-in backbone for the workers (:func:`remote.for_workers`).
 
     Raises:
       UsageError: a dataset is there and ``--overwrite`` was not given, or the backbone
         cannot be used.
     """
-    previous = dataset.existing_outputs(config.output_dir)
+    previous = [] if dry_run else dataset.existing_outputs(config.output_dir)
     if previous and not config.overwrite:
         complete = FileSystems.exists(manifest_lib.manifest_path(config.output_dir))
         what = (
@@ -232,10 +258,30 @@ def resolve(config: Config, inputs: Inputs) -> Job:
             "pass --overwrite to replace it or choose another directory"
         )
     try:
-        spec = hub.probe(registry.resolve(config.backbone, config.image_size))
+        spec = registry.resolve(config.backbone, config.image_size)
+        if dry_run and not (is_builtin(spec.handle) or remote.is_local_path(spec.handle)):
+            raise UsageError(
+                f"--backbone: a dry run loads the backbone offline to size the job; "
+                f"{spec.handle} needs the network (give a local copy or a built-in preset)"
+            )
+        spec = hub.probe(spec)
+        local = cache.local_handle(spec.handle)
     except ValueError as e:
         raise UsageError(str(e)) from e
-    return Job(config, inputs, spec, previous)
+    image = containers.container_image(beam_args)
+    if is_builtin(spec.handle) and image and remote.is_remote(beam_args):
+        # hubflow's image holds the built backbone (containers/Dockerfile); another image's
+        # workers build it from the weights package, as the launcher did.
+        note = (
+            f"--backbone {config.backbone}: not staged; the workers load it from the cache of "
+            f"{image[1]} (hubflow's image holds it; another builds it on first use)"
+        )
+        return Job(config, inputs, spec, previous, spec, (note,))
+    staged, note = remote.for_workers(
+        local, beam_args, kind="backbone", flag="--backbone", value=config.backbone, dry_run=dry_run
+    )
+    worker = spec if staged == local else dataclasses.replace(spec, handle=staged)
+    return Job(config, inputs, spec, previous, worker, (note,) if note else ())
 
 
 def build_pipeline(p: beam.Pipeline, job: Job) -> None:
@@ -265,11 +311,11 @@ def build_pipeline(p: beam.Pipeline, job: Job) -> None:
         labels = (
             accepted
             | "Labels" >> beam.Map(lambda a: a.row.label)
-            | "LabelVocabulary" >> analyze.LabelVocabulary(analyze.tft_temp_dir(out))
+            | "LabelVocabulary" >> analyze.LabelVocabulary(job.tft_temp_dir)
         )
     total_accepted = accepted | "CountAccepted" >> beam.combiners.Count.Globally()
     embedded, embed_errors = accepted | "EncodeAndEmbed" >> transforms.EncodeAndEmbed(
-        job.backbone,
+        job.worker_backbone,
         config.batch_size,
         config.max_image_pixels,
         config.max_image_side,
@@ -305,7 +351,9 @@ def build_pipeline(p: beam.Pipeline, job: Job) -> None:
     written_files.append(
         embedded[transforms.EMBEDDINGS]
         | "EmbeddingStatistics"
-        >> analyze.AnalyzeAndWriteTransformFn(out, job.backbone.embedding_dim)
+        >> analyze.AnalyzeAndWriteTransformFn(
+            out, job.backbone.embedding_dim, temp_dir=job.tft_temp_dir
+        )
     )
 
     events = (
@@ -363,7 +411,7 @@ def run_config(config: Config, beam_args: Sequence[str], test_pipeline=None) -> 
             manifest_lib.MANIFEST_FILE,
             dataset.existing_outputs,
         )
-        job = resolve(config, inputs)
+        job = resolve(config, inputs, beam_args)
         return run_staged(
             job,
             build_pipeline,
@@ -374,19 +422,33 @@ def run_config(config: Config, beam_args: Sequence[str], test_pipeline=None) -> 
         )
 
 
+def dry_run(config: Config, beam_args: Sequence[str]) -> remote.DryRun:
+    """Builds and translates the job offline (``--dry_run True``); runs and writes nothing.
+
+    Raises:
+      UsageError: on misuse, before the pipeline is built.
+    """
+    job = resolve(config, resolve_inputs(config, dry_run=True), beam_args, dry_run=True)
+    with tempfile.TemporaryDirectory(prefix="hubflow-dry-run-") as scratch:
+        job = dataclasses.replace(job, scratch_dir=scratch)
+        report = remote.dry_run(lambda p: build_pipeline(p, job), beam_args)
+    report.notes += [*job.notes, *remote.DRY_RUN_SKIPS]
+    return report
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     configure_logging("pipeline", "backbones")  # progress lines; Beam's INFO is noise
     try:
         config, beam_args = parse_config(argv)  # fail fast, before Beam starts anything
+        if is_dry_run(beam_args):
+            print(dry_run(config, beam_args).format(PROG))
+            return 0
         run_config(config, beam_args)
     except UsageError as e:
         return report_usage_error(PROG, e)
     except JobIncomplete as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
-    if is_dry_run(beam_args):
-        print(f"{PROG}: dry run: the job was built; nothing was run or written")
-        return 0
     manifest = manifest_lib.read_manifest(config.output_dir)
     print(dataset.format_summary(manifest, config.output_dir))
     if manifest.rows.written == 0:

@@ -54,3 +54,16 @@ def write_dataset(root, per_class: int = 12, labels=None) -> dict[str, list[str]
             (root / rel).write_bytes(photo(CLASS_COLOURS[label], size, seed=1000 * k + i))
             files.setdefault(label, []).append(rel)
     return files
+
+
+@pytest.fixture
+def no_gcs(monkeypatch):
+    """Makes any use of Beam's gs:// filesystem fail at once (instead of retrying for minutes
+    without network): a dry run must not list, read or write gs:// paths."""
+    from apache_beam.io.gcp import gcsfilesystem
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"gs:// was accessed: {args[1:]}")
+
+    for name in ("match", "exists", "create", "open", "mkdirs", "delete", "rename", "copy"):
+        monkeypatch.setattr(gcsfilesystem.GCSFileSystem, name, refuse)

@@ -6,6 +6,7 @@ import glob
 import io
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -312,3 +313,41 @@ def test_predict_sends_the_model_what_preprocessing_stored_for_every_format(
     np.testing.assert_allclose(
         [got[n]["score"] for n in names], expected["scores"].numpy(), rtol=1e-6, atol=1e-7
     )
+
+
+@pytest.mark.slow
+def test_dataflow_dry_run_of_predict_builds_offline_with_gs_paths(
+    trained, no_gcs, capsys, tmp_path, monkeypatch
+):
+    _, _, model_dir = trained
+    monkeypatch.chdir(tmp_path)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    argv = [
+        f"--model={model_dir}",  # the trainer's model dir: its highest export/<n>
+        "--input_csv=gs://my-bucket/score/*.csv",
+        "--input_pattern=gs://my-bucket/photos/**.jpg",
+        "--output_dir=gs://my-bucket/predictions",
+        "--format=csv",
+        "--runner=DataflowRunner",
+        "--dry_run=True",
+        "--project=my-project",
+        "--region=us-central1",
+        "--temp_location=gs://my-bucket/tmp",
+        f"--setup_file={repo}/setup.py",
+    ]
+    assert predict.main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("hubflow-predict: dry run on DataflowRunner: the job was built and ")
+    steps = re.search(r"steps \(\d+\): (.*)", out).group(1).split(", ")
+    assert {"ReadImages", "Predict", "WriteCsv", "WriteSummary"} <= set(steps)
+    assert "  RunInference: Predict\n" in out
+    assert re.search(r"stage: .*workflow\.tar\.gz \(hubflow-[\d.]+\.tar\.gz\)", out)
+    staged = re.escape(f"--model {model_dir} ({model_dir}/export/1) would be staged for the ")
+    assert re.search(
+        staged + r"workers as gs://my-bucket/tmp/hubflow-staged/model-[0-9a-f]{64}", out
+    )
+    assert os.listdir(tmp_path) == []
+
+    argv[0] = "--model=gs://my-bucket/model"  # cannot be read offline
+    assert predict.main(argv) == 2
+    assert capsys.readouterr().err.startswith("hubflow-predict: error: --model: a dry run reads")
