@@ -23,9 +23,10 @@ REQUIRED = [
     "fasteners>=0.18",
     # Beam's stager builds the --setup_file sdist with `python -m build --no-isolation`
     # (offline); without it, it falls back to the deprecated `setup.py sdist`. The build
-    # backend must be new enough for pyproject.toml's [build-system] (a fresh venv has 65).
+    # backend must be new enough for pyproject.toml's [build-system] (a fresh venv has 65),
+    # and keep pkg_resources, which tensorflow-hub 0.16 imports (setuptools 81 removed it).
     "build>=1.2",
-    "setuptools>=68",
+    "setuptools>=68,<81",
 ]
 
 setuptools.setup(
