@@ -206,6 +206,14 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
+def metrics_text(reports: Mapping[str, Mapping[str, Any]]) -> str:
+    """``{"eval": report, "test": report, ...}`` as the indented JSON of :func:`write_metrics`.
+
+    For a writer that is not a local file (the trainer writes it with ``tf.io.gfile``).
+    """
+    return json.dumps(dict(reports), indent=2, default=_json_default, allow_nan=False) + "\n"
+
+
 def write_metrics(path: str, reports: Mapping[str, Mapping[str, Any]]) -> None:
     """Writes ``{"eval": report, "test": report, ...}`` to ``path`` as indented JSON.
 
@@ -214,19 +222,19 @@ def write_metrics(path: str, reports: Mapping[str, Mapping[str, Any]]) -> None:
         reports: split name -> report from :func:`classification_report`.
 
     Raises:
-        ValueError: if ``path`` is a remote URL (``gs://`` etc.); write locally and copy it up.
+        ValueError: if ``path`` is a remote URL (``gs://`` etc.); write :func:`metrics_text` there.
     """
     if "://" in path:
         raise ValueError(
-            f"write_metrics writes local files only, got {path!r}; write to a local path and "
-            "copy it to remote storage (e.g. with tf.io.gfile.copy in the trainer)."
+            f"write_metrics writes local files only, got {path!r}; write metrics_text(reports) "
+            "to remote storage (e.g. with tf.io.gfile.GFile in the trainer)."
         )
     parent = os.path.dirname(path)
     if parent:
         os.makedirs(parent, exist_ok=True)
-    text = json.dumps(dict(reports), indent=2, default=_json_default, allow_nan=False)
+    text = metrics_text(reports)
     with open(path, "w", encoding="utf-8") as f:
-        f.write(text + "\n")
+        f.write(text)
     _LOGGER.info("Wrote metrics for %s to %s", ", ".join(reports) or "no splits", path)
 
 

@@ -1,4 +1,4 @@
-"""The plots a person reads: the confusion matrix and the training curves, as PNG files.
+"""The plots a person reads: the confusion matrix and the training curves, as PNG files or bytes.
 
 Plots are drawn on ``matplotlib.figure.Figure`` objects rendered by the Agg backend; pyplot's
 global figure registry is never touched, so nothing accumulates across calls and the caller's
@@ -7,6 +7,7 @@ matplotlib backend is left alone.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -29,13 +30,21 @@ _STAGE_KEY = "stage"
 _DPI = 100
 
 
+def _png(figure: Figure) -> bytes:
+    """Renders ``figure`` to PNG bytes with the Agg canvas."""
+    FigureCanvasAgg(figure)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=_DPI)
+    return buffer.getvalue()
+
+
 def _save(figure: Figure, path: str) -> None:
-    """Renders ``figure`` to a PNG at ``path`` with the Agg canvas."""
+    """Renders ``figure`` to a PNG at a local ``path``."""
     parent = os.path.dirname(path)
     if parent:
         os.makedirs(parent, exist_ok=True)
-    FigureCanvasAgg(figure)
-    figure.savefig(path, format="png", dpi=_DPI)
+    with open(path, "wb") as f:
+        f.write(_png(figure))
     _LOGGER.info("Wrote %s", path)
 
 
@@ -115,6 +124,11 @@ def plot_confusion_matrix(path: str, matrix: Any, labels: Sequence[str], title: 
         title: figure title.
     """
     _save(confusion_matrix_figure(matrix, labels, title), path)
+
+
+def confusion_matrix_png(matrix: Any, labels: Sequence[str], title: str) -> bytes:
+    """The confusion-matrix PNG of :func:`plot_confusion_matrix`, as bytes for any storage."""
+    return _png(confusion_matrix_figure(matrix, labels, title))
 
 
 def _first_present(history: Mapping[str, Sequence[float]], keys: Sequence[str]) -> str | None:
@@ -201,3 +215,8 @@ def plot_training_curves(path: str, history: Mapping[str, Sequence[float]]) -> N
         history: Keras ``History.history``-style dict, optionally with ``stage``.
     """
     _save(training_curves_figure(history), path)
+
+
+def training_curves_png(history: Mapping[str, Sequence[float]]) -> bytes:
+    """The training-curve PNG of :func:`plot_training_curves`, as bytes for any storage."""
+    return _png(training_curves_figure(history))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from typing import Any
 
@@ -21,6 +20,7 @@ import tensorflow as tf
 import tf_keras
 
 from schemas.cli import UsageError
+from storage.fileops import join
 from training.config import TrainConfig
 from training.data import Dataset
 from training.layout import CHECKPOINT_DIR, CONFIG_FILE, HISTORY_FILE, LOGS_DIR
@@ -83,10 +83,10 @@ def check_model_dir(config: TrainConfig, dataset: Dataset) -> bool:
         raise UsageError(f"--model_dir {model_dir} is a file, not a directory")
     if config.overwrite:
         return False
-    path = os.path.join(model_dir, CONFIG_FILE)
+    path = join(model_dir, CONFIG_FILE)
     fresh = "pass --overwrite to start fresh"
     if not tf.io.gfile.exists(path):
-        if tf.io.gfile.isdir(os.path.join(model_dir, CHECKPOINT_DIR)):
+        if tf.io.gfile.isdir(join(model_dir, CHECKPOINT_DIR)):
             raise UsageError(
                 f"--model_dir {model_dir} holds {CHECKPOINT_DIR}/ but no {CONFIG_FILE}, so what "
                 f"they were trained on is unknown; {fresh}"
@@ -142,7 +142,7 @@ def _data_difference(previous: dict[str, Any], current: dict[str, Any]) -> str |
 
 
 def stage_dir(model_dir: str, stage: str) -> str:
-    return os.path.join(model_dir, CHECKPOINT_DIR, stage)
+    return join(model_dir, CHECKPOINT_DIR, stage)
 
 
 def latest_checkpoint(directory: str) -> tuple[str | None, int]:
@@ -181,8 +181,8 @@ def fit_stage(model, config, train_ds, eval_ds, *, stage: str, epochs: int, clas
     ``history.json`` as it ends, so a killed run's epochs are not lost on resume.
     """
     directory = stage_dir(config.model_dir, stage)
-    final = os.path.join(directory, "final", "weights")
-    state = read_json(os.path.join(directory, "state.json"), None)
+    final = join(directory, "final", "weights")
+    state = read_json(join(directory, "state.json"), None)
     if state and (state["stopped_early"] or state["epochs"] >= epochs):
         model.load_weights(final)
         _LOGGER.info("%s already finished (%d epochs): reusing its weights", stage, state["epochs"])
@@ -195,7 +195,7 @@ def fit_stage(model, config, train_ds, eval_ds, *, stage: str, epochs: int, clas
     stopper = tf_keras.callbacks.EarlyStopping(
         monitor="val_loss", patience=config.patience, restore_best_weights=True
     )
-    history_path = os.path.join(config.model_dir, HISTORY_FILE)
+    history_path = join(config.model_dir, HISTORY_FILE)
 
     def log_epoch(epoch, logs):  # before the checkpoint: a resume never loses an epoch
         for key, value in (logs or {}).items():
@@ -206,10 +206,10 @@ def fit_stage(model, config, train_ds, eval_ds, *, stage: str, epochs: int, clas
     callbacks = [
         tf_keras.callbacks.LambdaCallback(on_epoch_end=log_epoch),
         tf_keras.callbacks.ModelCheckpoint(
-            os.path.join(directory, "ckpt-{epoch:04d}"), save_weights_only=True
+            join(directory, "ckpt-{epoch:04d}"), save_weights_only=True
         ),
         stopper,
-        tf_keras.callbacks.TensorBoard(os.path.join(config.model_dir, LOGS_DIR, stage)),
+        tf_keras.callbacks.TensorBoard(join(config.model_dir, LOGS_DIR, stage)),
     ]
     fitted = model.fit(
         train_ds,
@@ -223,6 +223,6 @@ def fit_stage(model, config, train_ds, eval_ds, *, stage: str, epochs: int, clas
     model.save_weights(final)
     done = initial_epoch + len(fitted.epoch)
     write_json(
-        os.path.join(directory, "state.json"),
+        join(directory, "state.json"),
         {"epochs": done, "stopped_early": stopper.stopped_epoch > 0},
     )

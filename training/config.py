@@ -25,6 +25,9 @@ MODEL_HEAD = "head"
 SCRATCH_MODELS = ("linear", "dnn", "cnn")
 OPTIMIZERS = ("adam", "sgd", "rmsprop")
 LR_SCHEDULES = tuple(SCHEDULES)
+QUANTIZE_NONE = "none"
+QUANTIZE_INT8 = "int8"
+QUANTIZE_CHOICES = (QUANTIZE_NONE, QUANTIZE_INT8)
 
 # Mode -> (epochs, batch size, early-stopping patience). Embedding heads train in seconds, so
 # they get many epochs and rely on early stopping; image modes pay a backbone pass per step.
@@ -71,6 +74,8 @@ class TrainConfig:
     seed: int = 42
     overwrite: bool = False
     break_lock: bool = False
+    export_tflite: bool = False
+    quantize: str = QUANTIZE_NONE
 
     @property
     def from_scratch(self) -> bool:
@@ -181,6 +186,19 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="take over a gs:// --model_dir whose lock a killed run left behind",
     )
+    p.add_argument(
+        "--export_tflite",
+        action="store_true",
+        help="also write model.tflite (one float image in, probabilities out) and measure it "
+        "against the SavedModel on the test split",
+    )
+    p.add_argument(
+        "--quantize",
+        choices=QUANTIZE_CHOICES,
+        default=None,
+        help="with --export_tflite: int8 weights and activations, calibrated on train images "
+        "(default none)",
+    )
     return p
 
 
@@ -229,6 +247,10 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
         raise UsageError(f"{flag} needs --features image (stored embeddings cannot be augmented)")
     if args.fine_tune and scratch:
         raise UsageError("--fine_tune applies to a backbone; --model linear|dnn|cnn has none")
+    if args.quantize is not None and not args.export_tflite:
+        raise UsageError(
+            f"--quantize {args.quantize} applies to the TFLite model; add --export_tflite"
+        )
     if args.dropout is None:
         args.dropout = 0.5 if args.model == "cnn" else 0.2
     if args.fine_tune_learning_rate is None:
@@ -272,4 +294,6 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
         seed=args.seed,
         overwrite=args.overwrite,
         break_lock=args.break_lock,
+        export_tflite=args.export_tflite,
+        quantize=args.quantize or QUANTIZE_NONE,
     )

@@ -4,13 +4,18 @@ The signature is the contract in :mod:`schemas.serving`: encoded image bytes in 
 or BMP), labelled probabilities and the top-k classes out. Decoding, resizing, the backbone (its
 variables copied in), the normalisation and the head are all inside; the labels are a constant
 of the graph. Nothing outside the export dir is needed to serve.
+
+A version is written to ``export/<n>.tmp/`` and then moved to ``export/<n>/``: locally one
+rename; on ``gs://`` (no folder rename) file by file with ``saved_model.pb``
+(:data:`training.layout.EXPORT_MARKER`) last, so a reader that finds it finds the whole version.
+A version without it is a copy a killed run left unfinished; the next export replaces it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
+import posixpath
 from collections.abc import Callable
 
 import tensorflow as tf
@@ -18,6 +23,8 @@ import tf_keras
 
 from schemas import serving
 from schemas.manifest import labels_text
+from storage.fileops import delete, join, move
+from training.layout import EXPORT_MARKER
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -56,11 +63,13 @@ class ServingModule(tf.Module):
 
 
 def next_version_dir(model_dir: str) -> str:
-    """``export/<n>`` with n one above the highest existing version (1 for the first)."""
-    root = os.path.join(model_dir, serving.EXPORT_DIR)
-    names = tf.io.gfile.listdir(root) if tf.io.gfile.isdir(root) else []
-    versions = [int(n.rstrip("/")) for n in names if n.rstrip("/").isdigit()]
-    return os.path.join(root, str(max(versions, default=0) + 1))
+    """``export/<n>`` with n one above the highest complete version (1 for the first)."""
+    root = join(model_dir, serving.EXPORT_DIR)
+    names = [n.rstrip("/") for n in tf.io.gfile.listdir(root)] if tf.io.gfile.isdir(root) else []
+    versions = [
+        int(n) for n in names if n.isdigit() and tf.io.gfile.exists(join(root, n, EXPORT_MARKER))
+    ]
+    return join(root, str(max(versions, default=0) + 1))
 
 
 def export(
@@ -70,7 +79,7 @@ def export(
     model_dir: str,
     preprocessing: dict | None = None,
 ) -> str:
-    """Writes the serving SavedModel to the next ``export/<n>/`` (via a temp dir + rename).
+    """Writes the serving SavedModel to the next ``export/<n>/`` (via ``export/<n>.tmp/``).
 
     Args:
       preprocessing: how the training images were normalised (``serving.PREPROCESSING_KEYS``),
@@ -78,17 +87,17 @@ def export(
     """
     target = next_version_dir(model_dir)
     tmp = f"{target}.tmp"
-    if tf.io.gfile.exists(tmp):
-        tf.io.gfile.rmtree(tmp)
+    delete(tmp)  # left by a run killed while exporting
+    delete(target)  # a killed run's unfinished copy (no EXPORT_MARKER)
     module = ServingModule(model, labels, decode)
     tf.saved_model.save(module, tmp, signatures={serving.SIGNATURE_NAME: module.serve})
-    labels_path = os.path.join(tmp, serving.LABELS_ASSET)
-    tf.io.gfile.makedirs(os.path.dirname(labels_path))
+    labels_path = join(tmp, serving.LABELS_ASSET)
+    tf.io.gfile.makedirs(posixpath.dirname(labels_path))
     with tf.io.gfile.GFile(labels_path, "w") as f:
         f.write(labels_text(labels))
     if preprocessing is not None:
-        with tf.io.gfile.GFile(os.path.join(tmp, serving.PREPROCESSING_ASSET), "w") as f:
+        with tf.io.gfile.GFile(join(tmp, serving.PREPROCESSING_ASSET), "w") as f:
             f.write(json.dumps(preprocessing, indent=2))
-    tf.io.gfile.rename(tmp, target)
+    move(tmp, target, last=(EXPORT_MARKER,))
     _LOGGER.info("exported %s", target)
     return target

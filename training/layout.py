@@ -15,9 +15,15 @@ settles it:
 * the folder with its marker (killed while training): the dir holds the killed run's outputs. A
   run that resumes them deletes the folder once its export is complete (the overwrite is then
   done); a new ``--overwrite`` run deletes the killed run's outputs and keeps the folder as its
-  own previous model.
+  own previous model;
+* the folder with a second marker, ``.discard`` (killed while :func:`discard` deleted it, which
+  takes a while on ``gs://``, file by file): :func:`recover` finishes deleting it, and never
+  moves what is left of the old model back over the new one.
 
-Entries move with :mod:`storage.fileops` (one rename locally; file by file on ``gs://``).
+Entries move with :mod:`storage.fileops`: one rename locally; file by file on ``gs://`` and
+other object stores, where an export version's ``saved_model.pb`` (:data:`EXPORT_MARKER`) leaves
+``<model_dir>/export/<n>/`` first and comes back last, so a reader that finds it finds the whole
+version (the previous model's folder is complete only once its own marker is written).
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ CONFUSION_PNG = "confusion_matrix.png"
 CURVES_PNG = "training_curves.png"
 CHECKPOINT_DIR = "checkpoints"
 LOGS_DIR = "logs"
+TFLITE_FILE = "model.tflite"  # --export_tflite; the labels are LABELS_FILE beside it
 # Everything a run writes into --model_dir; the only names --overwrite ever moves or deletes.
 OUTPUTS = (
     CONFIG_FILE,
@@ -52,9 +59,13 @@ OUTPUTS = (
     CHECKPOINT_DIR,
     LOGS_DIR,
     serving.EXPORT_DIR,
+    TFLITE_FILE,
 )
+# A version in export/<n>/ is complete once this file is there (hubflow-predict looks for it).
+EXPORT_MARKER = tf.saved_model.SAVED_MODEL_FILENAME_PB
 PREVIOUS_DIR = ".hubflow-previous"
 COMPLETE_MARKER = ".complete"
+DISCARD_MARKER = ".discard"  # written before PREVIOUS_DIR is deleted, deleted last
 
 
 def present(model_dir: str) -> list[str]:
@@ -68,13 +79,23 @@ def _previous(model_dir: str) -> tuple[str, str]:
 
 
 def recover(model_dir: str) -> None:
-    """Moves back what a run killed while moving outputs aside (or back) left in PREVIOUS_DIR."""
+    """Moves back what a run killed while moving outputs aside (or back) left in PREVIOUS_DIR.
+
+    A PREVIOUS_DIR that a killed run was deleting (:func:`discard`) is deleted instead.
+    """
     previous, marker = _previous(model_dir)
-    if not tf.io.gfile.isdir(previous) or tf.io.gfile.exists(marker):
+    if not tf.io.gfile.isdir(previous):
+        return
+    if tf.io.gfile.exists(join(previous, DISCARD_MARKER)):
+        delete(previous, last=(DISCARD_MARKER,))
+        _LOGGER.info("finished deleting the previous model in %s", previous)
+        return
+    if tf.io.gfile.exists(marker):
         return
     for name in tf.io.gfile.listdir(previous):
-        move(join(previous, name.rstrip("/")), join(model_dir, name.rstrip("/")))
-    tf.io.gfile.rmtree(previous)
+        name = name.rstrip("/")
+        move(join(previous, name), join(model_dir, name), last=(EXPORT_MARKER,))
+    delete(previous)
     _LOGGER.warning("moved back the outputs an interrupted run had set aside in %s", previous)
 
 
@@ -89,14 +110,14 @@ def set_aside(model_dir: str) -> None:
             previous,
         )
         for name in present(model_dir):
-            delete(join(model_dir, name))
+            delete(join(model_dir, name), first=(EXPORT_MARKER,))
         return
     names = present(model_dir)
     if not names:
         return
     tf.io.gfile.makedirs(previous)
     for name in names:
-        move(join(model_dir, name), join(previous, name))
+        move(join(model_dir, name), join(previous, name), first=(EXPORT_MARKER,))
     with tf.io.gfile.GFile(marker, "w") as f:
         f.write("")  # GFile creates the file on the first write
     _LOGGER.info("the previous model stays in %s until the new export is complete", previous)
@@ -108,7 +129,7 @@ def restore(model_dir: str) -> None:
     if not tf.io.gfile.exists(marker):
         return
     for name in present(model_dir):
-        delete(join(model_dir, name))
+        delete(join(model_dir, name), first=(EXPORT_MARKER,))
     tf.io.gfile.remove(marker)
     recover(model_dir)
 
@@ -117,7 +138,9 @@ def discard(model_dir: str) -> None:
     """Deletes the previous model set aside in PREVIOUS_DIR (the new one is complete)."""
     previous, marker = _previous(model_dir)
     if tf.io.gfile.exists(marker):
-        tf.io.gfile.rmtree(previous)
+        with tf.io.gfile.GFile(join(previous, DISCARD_MARKER), "w") as f:
+            f.write("")
+        delete(previous, last=(DISCARD_MARKER,))
         _LOGGER.info("deleted the previous model from %s", previous)
 
 

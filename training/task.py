@@ -11,13 +11,9 @@ export is complete (:mod:`training.layout`).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
-import os
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 
@@ -29,8 +25,9 @@ from evaluation import metrics, plots
 from schemas import csv_format, serving
 from schemas import manifest as manifest_lib
 from schemas.cli import UsageError, configure_logging, report_usage_error
+from storage.fileops import join
 from storage.locks import DirLock
-from training import augment, checkpoints, data, export, layout, models
+from training import augment, checkpoints, cluster, data, export, layout, models, tflite
 from training.checkpoints import STAGE_FINE_TUNE, STAGE_HEAD
 from training.config import PROG, TrainConfig, parse_config
 from training.layout import CONFUSION_PNG, CURVES_PNG, METRICS_FILE
@@ -58,26 +55,11 @@ class _Models:
     head: tf_keras.Model | None
 
 
-def strategy_kind(tf_config: dict, num_gpus: int) -> str:
-    """``multi_worker`` when TF_CONFIG lists several workers (e.g. a Vertex AI multi-worker job),
-    ``mirrored`` for several local GPUs, ``default`` otherwise."""
-    cluster = tf_config.get("cluster", {})
-    if len(cluster.get("worker", [])) + len(cluster.get("chief", [])) > 1:
-        return "multi_worker"
-    return "mirrored" if num_gpus > 1 else "default"
-
-
 def choose_strategy() -> tf.distribute.Strategy:
-    """The tf.distribute strategy for this environment (see :func:`strategy_kind`)."""
-    kind = strategy_kind(
-        json.loads(os.environ.get("TF_CONFIG", "{}")), len(tf.config.list_logical_devices("GPU"))
-    )
+    """The tf.distribute strategy of this machine (:func:`training.cluster.strategy_kind`)."""
+    kind = cluster.strategy_kind(len(tf.config.list_logical_devices("GPU")))
     _LOGGER.info("distribution strategy: %s", kind)
-    if kind == "multi_worker":
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    if kind == "mirrored":
-        return tf.distribute.MirroredStrategy()
-    return tf.distribute.get_strategy()
+    return tf.distribute.MirroredStrategy() if kind == "mirrored" else tf.distribute.get_strategy()
 
 
 def train(config: TrainConfig) -> TrainResult:
@@ -98,7 +80,7 @@ def _train_and_export(config: TrainConfig, dataset: data.Dataset, resumed: bool)
     _write_run_record(config, dataset)
     tf_keras.utils.set_random_seed(config.seed)
     splits = data.make_split_datasets(config, dataset, augment.trainer_augmenter(config))
-    history_path = os.path.join(config.model_dir, layout.HISTORY_FILE)
+    history_path = join(config.model_dir, layout.HISTORY_FILE)
     history = checkpoints.read_json(history_path, {}) if resumed else {}
     strategy = choose_strategy()
     started = time.monotonic()
@@ -109,15 +91,22 @@ def _train_and_export(config: TrainConfig, dataset: data.Dataset, resumed: bool)
     reports = _evaluate(model, splits, dataset.manifest.labels)
     reports["train_seconds"] = round(train_seconds, 2)
     _write_report(config.model_dir, reports, dataset.manifest.labels, history)
-    export_dir = _export(config, dataset.manifest, model, built.head)
+    serving_model = _serving_model(config, dataset.manifest, model, built.head)
+    export_dir = _export(config, dataset.manifest, serving_model)
+    if config.export_tflite:  # model.tflite, measured against the export in metrics.json
+        section = tflite.export_tflite(config, dataset, serving_model, export_dir)
+        reports[tflite.METRICS_KEY] = section
+        _write_report(config.model_dir, reports, dataset.manifest.labels, history)
+    else:
+        tflite.warn_if_stale(config.model_dir)
     return TrainResult(model=model, export_dir=export_dir, metrics=reports, history=history)
 
 
 def _write_run_record(config: TrainConfig, dataset: data.Dataset) -> None:
     """``config.json`` (options and the data's identity) and ``labels.txt``."""
     record = checkpoints.run_record(config, dataset)
-    checkpoints.write_json(os.path.join(config.model_dir, layout.CONFIG_FILE), record)
-    path = os.path.join(config.model_dir, manifest_lib.LABELS_FILE)
+    checkpoints.write_json(join(config.model_dir, layout.CONFIG_FILE), record)
+    path = join(config.model_dir, manifest_lib.LABELS_FILE)
     with tf.io.gfile.GFile(path, "w") as f:
         f.write(manifest_lib.labels_text(dataset.manifest.labels))
 
@@ -195,33 +184,27 @@ def _evaluate(model, splits, labels: list[str]) -> dict:
 
 
 def _write_report(model_dir: str, reports: dict, labels: list[str], history: dict) -> None:
-    """metrics.json and the two plots; rendered locally, then copied when model_dir is remote."""
-    remote = "://" in model_dir
-    local = tempfile.mkdtemp(prefix="hubflow-report-") if remote else model_dir
-    try:
-        metrics.write_metrics(os.path.join(local, METRICS_FILE), reports)
-        plots.plot_confusion_matrix(
-            os.path.join(local, CONFUSION_PNG),
-            reports[csv_format.TEST]["confusion_matrix"],
-            labels,
-            "test split",
-        )
-        plots.plot_training_curves(os.path.join(local, CURVES_PNG), history)
-        if remote:
-            for name in (METRICS_FILE, CONFUSION_PNG, CURVES_PNG):
-                target = f"{model_dir.rstrip('/')}/{name}"
-                tf.io.gfile.copy(os.path.join(local, name), target, True)
-    finally:
-        if remote:
-            shutil.rmtree(local, ignore_errors=True)
+    """metrics.json and the two plots, written with tf.io.gfile (local, gs://, any filesystem)."""
+    matrix = reports[csv_format.TEST]["confusion_matrix"]
+    for name, content in (
+        (METRICS_FILE, metrics.metrics_text(reports).encode()),
+        (CONFUSION_PNG, plots.confusion_matrix_png(matrix, labels, "test split")),
+        (CURVES_PNG, plots.training_curves_png(history)),
+    ):
+        with tf.io.gfile.GFile(join(model_dir, name), "wb") as f:
+            f.write(content)
 
 
-def _export(config: TrainConfig, manifest, model, head) -> str:
-    """Exports the serving model; an embedding head is stitched to its backbone first."""
+def _serving_model(config: TrainConfig, manifest, model, head) -> tf_keras.Model:
+    """The model behind the exports: an embedding head is stitched to its backbone first."""
+    if config.uses_images:
+        return model
+    return models.image_classifier(manifest.backbone, head)  # callers send images
+
+
+def _export(config: TrainConfig, manifest, serving_model) -> str:
+    """Exports the serving model (:func:`_serving_model`) with the image decoding in front."""
     preprocess, image_shape = data.image_preprocessor(config, manifest)
-    serving_model = model
-    if not config.uses_images:  # callers send image bytes, not embeddings
-        serving_model = models.image_classifier(manifest.backbone, head)
     decode = data.decode_batch(preprocess, image_shape)
     # The stored images' normalisation, so batch prediction can repeat it (missing in old data).
     normalisation = {
@@ -234,6 +217,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging("training", "backbones")
     try:
         config = parse_config(argv)
+        if not cluster.should_train():  # a replica other than a cluster's primary: exit 0
+            return 0
         result = train(config)
     except UsageError as e:
         return report_usage_error(PROG, e)

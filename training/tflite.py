@@ -1,0 +1,236 @@
+"""TensorFlow Lite export for edge devices: ``model.tflite``, checked against the SavedModel.
+
+The TFLite model is the serving model of the export (an embedding head is stitched to its
+backbone first, so it always takes images) without the decoding: one float32 image
+``[1, S, S, C]`` in, as the export's decode function produces it from image bytes (for a
+backbone: RGB resized to its input size, values in its value range, see
+:mod:`backbones.inputs`), and probabilities ``[1, num_labels]`` out, in the order of the run's
+``labels.txt`` next to it. Decoding and resizing are the app's side of the contract.
+
+``--quantize int8`` quantizes weights and activations to int8, calibrated on up to
+:data:`REPRESENTATIVE_IMAGES` train-split images; input and output stay float32.
+
+The trainer then runs it on every test image against the SavedModel it was converted from: the
+SavedModel gets the stored JPEG bytes, the TFLite model the same bytes through the export's own
+decode function, so both see the same pixels. Accuracy, agreement, the largest probability
+difference, size, conversion time and latency go into ``metrics.json`` (:data:`METRICS_KEY`).
+A TFLite accuracy more than :data:`TOLERANCE` away from the SavedModel's is a warning, not a
+failure: the SavedModel is the run's product and stays valid, and on a small test split one
+image is more than a point.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import tensorflow as tf
+import tf_keras
+
+from evaluation import metrics
+from schemas import csv_format, features, serving
+from schemas.backbones import VALUE_RANGE
+from schemas.manifest import LABELS_FILE
+from storage.fileops import basename, join
+from training import data
+from training.config import QUANTIZE_INT8, TrainConfig
+from training.layout import TFLITE_FILE
+
+_LOGGER = logging.getLogger(__name__)
+METRICS_KEY = "tflite"  # the section of metrics.json
+REPRESENTATIVE_IMAGES = 200  # train-split images that calibrate int8 quantization
+TOLERANCE = 0.01  # the largest accepted |TFLite - SavedModel| test accuracy (1 point)
+_BATCH = 32  # test images decoded (and sent to the SavedModel) at a time
+
+
+def convert(
+    model: tf_keras.Model,
+    image_shape: tuple[int, int, int],
+    quantize: str,
+    representative: Callable[[], Iterator[list[np.ndarray]]] | None = None,
+) -> bytes:
+    """The TFLite flatbuffer of ``model`` on one float32 image ``[1, *image_shape]``.
+
+    Args:
+      quantize: ``none`` (float32 weights) or ``int8`` (weights and activations; float I/O).
+      representative: for int8, yields ``[image]`` calibration inputs of shape ``[1, *image_shape]``.
+    """
+
+    @tf.function(input_signature=[tf.TensorSpec([1, *image_shape], tf.float32, name="image")])
+    def classify(image):
+        return {serving.PROBABILITIES: model(image, training=False)}
+
+    converter = tf.lite.TFLiteConverter.from_concrete_functions(
+        [classify.get_concrete_function()], model
+    )
+    if quantize == QUANTIZE_INT8:
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = representative
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    return converter.convert()
+
+
+class Classifier:
+    """A TFLite model in ``tf.lite.Interpreter``: one float image in, probabilities out."""
+
+    def __init__(self, content: bytes, num_threads: int | None = None):
+        self.interpreter = tf.lite.Interpreter(model_content=content, num_threads=num_threads)
+        self.interpreter.allocate_tensors()
+        (self.input,) = self.interpreter.get_input_details()
+        (self.output,) = self.interpreter.get_output_details()
+        self.seconds: list[float] = []  # of each invoke()
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        """``[1, S, S, C]`` float32 -> ``[1, num_labels]`` probabilities."""
+        self.interpreter.set_tensor(self.input["index"], image)
+        started = time.perf_counter()
+        self.interpreter.invoke()
+        self.seconds.append(time.perf_counter() - started)
+        return self.interpreter.get_tensor(self.output["index"])
+
+
+def _images(files: list[str], embedding_dim: int) -> tf.data.Dataset:
+    """``(encoded image bytes, label)`` of stored records."""
+    return features.read_dataset(files, embedding_dim).map(
+        lambda r: (r[features.IMAGE_ENCODED], r[features.LABEL])
+    )
+
+
+def representative_images(
+    files: list[str], embedding_dim: int, decode: Callable, limit: int, seed: int
+) -> Callable[[], Iterator[list[np.ndarray]]]:
+    """The converter's representative dataset: up to ``limit`` decoded images (shuffled)."""
+
+    def images() -> Iterator[list[np.ndarray]]:
+        records = _images(files, embedding_dim).shuffle(4 * limit, seed=seed).take(limit)
+        for encoded, _ in records.batch(_BATCH):
+            for image in decode(encoded).numpy():
+                yield [image[None]]
+
+    return images
+
+
+def compare(
+    classifier: Classifier,
+    export_dir: str,
+    files: list[str],
+    embedding_dim: int,
+    decode: Callable,
+    labels: list[str],
+) -> dict:
+    """Test accuracy of the TFLite model and of the SavedModel on the same stored images."""
+    serve = tf.saved_model.load(export_dir).signatures[serving.SIGNATURE_NAME]
+    truth, lite, saved = [], [], []
+    for encoded, label in _images(files, embedding_dim).batch(_BATCH):
+        saved.append(serve(**{serving.INPUT_KEY: encoded})[serving.PROBABILITIES].numpy())
+        lite += [classifier(image[None]) for image in decode(encoded).numpy()]
+        truth.append(label.numpy())
+    y, lite_p, saved_p = np.concatenate(truth), np.concatenate(lite), np.concatenate(saved)
+    lite_acc = metrics.classification_report(y, lite_p, labels)["accuracy"]
+    saved_acc = metrics.classification_report(y, saved_p, labels)["accuracy"]
+    return {
+        "test_examples": int(len(y)),
+        "test_accuracy": lite_acc,
+        "savedmodel_test_accuracy": saved_acc,
+        "accuracy_difference": lite_acc - saved_acc,
+        "agreement": float(np.mean(lite_p.argmax(1) == saved_p.argmax(1))),
+        "max_abs_probability_diff": float(np.max(np.abs(lite_p - saved_p))),
+    }
+
+
+def export_tflite(
+    config: TrainConfig, dataset: data.Dataset, serving_model: tf_keras.Model, export_dir: str
+) -> dict:
+    """Converts ``serving_model``, writes ``model.tflite`` and measures it on the test split.
+
+    Returns:
+      The ``metrics.json`` section: file, quantization, input, size, conversion time, the test
+      comparison with the SavedModel in ``export_dir`` (:func:`compare`), latency, tolerance.
+    """
+    manifest = dataset.manifest
+    dim = manifest.backbone.embedding_dim
+    preprocess, image_shape = data.image_preprocessor(config, manifest)
+    decode = tf.function(  # as the export's signature runs it
+        data.decode_batch(preprocess, image_shape),
+        input_signature=[tf.TensorSpec([None], tf.string)],
+    )
+    representative = None
+    if config.quantize == QUANTIZE_INT8:
+        representative = representative_images(
+            dataset.files[csv_format.TRAIN], dim, decode, REPRESENTATIVE_IMAGES, config.seed
+        )
+    started = time.monotonic()
+    content = convert(serving_model, image_shape, config.quantize, representative)
+    convert_seconds = time.monotonic() - started
+    path = join(config.model_dir, TFLITE_FILE)
+    with tf.io.gfile.GFile(f"{path}.tmp", "wb") as f:
+        f.write(content)
+    tf.io.gfile.rename(f"{path}.tmp", path, overwrite=True)
+    _LOGGER.info("wrote %s (%d bytes) in %.1f s", path, len(content), convert_seconds)
+
+    num_threads = os.cpu_count() or 1
+    classifier = Classifier(content, num_threads)
+    value_range = VALUE_RANGE if config.from_scratch else manifest.backbone.value_range
+    section = {
+        "file": TFLITE_FILE,
+        "labels_file": LABELS_FILE,
+        "quantize": config.quantize,
+        "input": {
+            "shape": [int(n) for n in classifier.input["shape"]],
+            "dtype": np.dtype(classifier.input["dtype"]).name,
+            "value_range": list(value_range),
+        },
+        "size_bytes": len(content),
+        "convert_seconds": round(convert_seconds, 2),
+        "representative_images": (
+            min(REPRESENTATIVE_IMAGES, dataset.counts[csv_format.TRAIN]) if representative else 0
+        ),
+        "compared_with": join(serving.EXPORT_DIR, basename(export_dir)),
+        **compare(
+            classifier, export_dir, dataset.files[csv_format.TEST], dim, decode, manifest.labels
+        ),
+        "latency_ms_per_image": round(1000 * float(np.median(classifier.seconds)), 3),  # invoke
+        "num_threads": num_threads,
+        "tolerance": TOLERANCE,
+    }
+    section["within_tolerance"] = abs(section["accuracy_difference"]) <= TOLERANCE
+    _report(section)
+    return section
+
+
+def _report(section: dict) -> None:
+    what = f"{section['file']} ({section['quantize']})"
+    line = (
+        f"{what}: test accuracy {section['test_accuracy']:.4f}, SavedModel "
+        f"{section['savedmodel_test_accuracy']:.4f} on {section['test_examples']} test images; "
+        f"agreement {section['agreement']:.4f}, max |probability difference| "
+        f"{section['max_abs_probability_diff']:.2g}, {section['latency_ms_per_image']:.1f} ms "
+        "per image"
+    )
+    if section["within_tolerance"]:
+        _LOGGER.info(line)
+        return
+    _LOGGER.warning(
+        "TFLITE ACCURACY OUT OF TOLERANCE: %s. It differs from the SavedModel's by %.1f points "
+        "(tolerance %.1f); the file is kept and metrics.json records it (%s.within_tolerance "
+        "false): check it before deploying%s",
+        line,
+        100 * section["accuracy_difference"],
+        100 * TOLERANCE,
+        METRICS_KEY,
+        ", or export without --quantize" if section["quantize"] == QUANTIZE_INT8 else "",
+    )
+
+
+def warn_if_stale(model_dir: str) -> None:
+    """Warns about a ``model.tflite`` left by an earlier run in a dir this run exported to."""
+    path = join(model_dir, TFLITE_FILE)
+    if tf.io.gfile.exists(path):
+        _LOGGER.warning(
+            "%s is from an earlier run, not from this run's export: rerun with --export_tflite "
+            "to replace it, or delete it",
+            path,
+        )
