@@ -26,14 +26,18 @@ Embedder = Callable[[tf.Tensor], tf.Tensor]
 # the DirectRunner's in-process mode the job's RunInference runs in the launcher's process and
 # takes the launcher's module instead of loading the SavedModel a second time (seconds of
 # start-up); a Dataflow worker finds nothing here and loads its own.
-_PROBED: dict[str, object] = {}
+# Keyed by handle, with the local path the module came from: a built-in's handle names another
+# cache entry when HUBFLOW_CACHE changes, and then the kept module is not the one to load.
+_PROBED: dict[str, tuple[str, object]] = {}
 _PROBED_LOCK = threading.Lock()
 
 
-def _load_module(handle: str):
+def _load_module(handle: str) -> tuple[str, object]:
+    """The local path of ``handle`` (a built-in's cache entry) and the module loaded from it."""
     import tensorflow_hub as hub
 
-    return hub.load(local_handle(handle))
+    path = local_handle(handle)
+    return path, hub.load(path)
 
 
 def _callable(module) -> Embedder:
@@ -72,8 +76,20 @@ def signature_image_size(module) -> int | None:
 def load(spec: BackboneSpec) -> Embedder:
     """Loads the backbone: a function from ``[N, S, S, 3]`` float32 in [0, 1] to ``[N, D]``."""
     with _PROBED_LOCK:
-        module = _PROBED.pop(spec.handle, None)
-    return _callable(module if module is not None else _load_module(spec.handle))
+        probed = _PROBED.pop(spec.handle, None)
+    path = local_handle(spec.handle)
+    if probed is not None and probed[0] == path:
+        return _callable(probed[1])
+    import tensorflow_hub as hub
+
+    return _callable(hub.load(path))
+
+
+def release(spec: BackboneSpec) -> None:
+    """Drops the module :func:`probe` kept for the next :func:`load` when none will come (the
+    job embeds with another runtime), so the launcher does not hold it for the whole run."""
+    with _PROBED_LOCK:
+        _PROBED.pop(spec.handle, None)
 
 
 def probe(spec: BackboneSpec) -> BackboneSpec:
@@ -84,7 +100,7 @@ def probe(spec: BackboneSpec) -> BackboneSpec:
         ``--image_size`` when neither the model nor the flag fixes the input size.
     """
     try:
-        module = _load_module(spec.handle)
+        path, module = _load_module(spec.handle)
     except UntrustedCacheError:
         raise  # already one line naming --backbone, the path and what to do
     except Exception as e:  # noqa: BLE001 - any loader failure is a user error to report
@@ -107,7 +123,7 @@ def probe(spec: BackboneSpec) -> BackboneSpec:
         )
     dim = int(features.shape[-1])
     with _PROBED_LOCK:
-        _PROBED[spec.handle] = module
+        _PROBED[spec.handle] = (path, module)
     if spec.embedding_dim and spec.embedding_dim != dim:
         _LOGGER.warning(
             "%s: expected %d features, model returns %d", spec.name, spec.embedding_dim, dim

@@ -281,6 +281,8 @@ def resolve(config: Config, inputs: Inputs, beam_args: Sequence[str] = (), dry_r
         local, beam_args, kind="backbone", flag="--backbone", value=config.backbone, dry_run=dry_run
     )
     worker = spec if staged == local else dataclasses.replace(spec, handle=staged)
+    if worker is not spec:
+        hub.release(spec)  # the workers load the staged copy, not the probed module
     return Job(config, inputs, spec, previous, worker, (note,) if note else ())
 
 
