@@ -106,6 +106,11 @@ def test_tflite_takes_images_and_matches_the_savedmodel(mode, quantize, data_dir
     assert abs(section["test_accuracy"] - section["savedmodel_test_accuracy"]) <= 0.01
     assert section["within_tolerance"] and section["agreement"] == 1.0
     assert section["convert_seconds"] > 0 and section["latency_ms_per_image"] > 0
+    if quantize == "int8":  # mostly int8: the few layers kept in float are listed
+        assert section["float_ops"] == len(section["float_layers"]) <= section["ops"] // 2
+        assert len(section["float_layers"]) <= 2 + tflite.MAX_FLOAT_LAYERS
+    else:
+        assert section["float_ops"] == section["ops"] > 0 and section["float_layers"] == []
 
     # Independently of the trainer: the stored JPEGs through the export's decoding, one by one.
     jpegs = _test_split(data_dir)[:8]

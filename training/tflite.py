@@ -8,7 +8,11 @@ backbone: RGB resized to its input size, values in its value range, see
 ``labels.txt`` next to it. Decoding and resizing are the app's side of the contract.
 
 ``--quantize int8`` quantizes weights and activations to int8, calibrated on up to
-:data:`REPRESENTATIVE_IMAGES` train-split images; input and output stay float32.
+:data:`REPRESENTATIVE_IMAGES` train-split images; input and output stay float32. TFLite's
+``QuantizationDebugger`` then compares each layer with float on some of them, and a few layers
+stay float (listed in ``metrics.json``): the classifier layer (a few thousand multiply-adds), and
+those with an error far above rounding, such as EfficientNet-Lite's stem convolution and first
+depthwise convolution (about 2.7 quantization steps RMS, against 0.3-0.6 for the others).
 
 The trainer then runs it on every test image against the SavedModel it was converted from: the
 SavedModel gets the stored JPEG bytes, the TFLite model the same bytes through the export's own
@@ -21,7 +25,11 @@ image is more than a point.
 
 from __future__ import annotations
 
+import csv
+import io
+import itertools
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -43,6 +51,9 @@ _LOGGER = logging.getLogger(__name__)
 METRICS_KEY = "tflite"  # the section of metrics.json
 REPRESENTATIVE_IMAGES = 200  # train-split images that calibrate int8 quantization
 TOLERANCE = 0.01  # the largest accepted |TFLite - SavedModel| test accuracy (1 point)
+DEBUG_IMAGES = 32  # calibration images on which each int8 layer is compared with float
+FLOAT_LAYER_ERROR = 1.0  # RMSE in quantization steps above which a layer stays float (~0.29: ideal)
+MAX_FLOAT_LAYERS = 3  # at most this many such layers
 _BATCH = 32  # test images decoded (and sent to the SavedModel) at a time
 
 
@@ -51,12 +62,15 @@ def convert(
     image_shape: tuple[int, int, int],
     quantize: str,
     representative: Callable[[], Iterator[list[np.ndarray]]] | None = None,
-) -> bytes:
+) -> tuple[bytes, list[dict]]:
     """The TFLite flatbuffer of ``model`` on one float32 image ``[1, *image_shape]``.
 
     Args:
       quantize: ``none`` (float32 weights) or ``int8`` (weights and activations; float I/O).
       representative: for int8, yields ``[image]`` calibration inputs of shape ``[1, *image_shape]``.
+
+    Returns:
+      The flatbuffer and, for int8, the layers kept in float (:func:`_float_layers`).
     """
 
     @tf.function(input_signature=[tf.TensorSpec([1, *image_shape], tf.float32, name="image")])
@@ -66,11 +80,48 @@ def convert(
     converter = tf.lite.TFLiteConverter.from_concrete_functions(
         [classify.get_concrete_function()], model
     )
-    if quantize == QUANTIZE_INT8:
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.representative_dataset = representative
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    return converter.convert()
+    if quantize != QUANTIZE_INT8:
+        return converter.convert(), []
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = representative
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    # Calibrates once; the debugger then measures each quantized layer against float on a few
+    # calibration images, and quantizes the calibrated model again without the worst layers.
+    debugger = tf.lite.experimental.QuantizationDebugger(
+        converter=converter,
+        debug_dataset=lambda: itertools.islice(representative(), DEBUG_IMAGES),
+    )
+    debugger.run()
+    layers = _float_layers(debugger)
+    debugger.options = tf.lite.experimental.QuantizationDebugOptions(
+        denylisted_nodes=[layer["tensor"] for layer in layers]
+    )
+    return debugger.get_nondebug_quantized_model(), layers
+
+
+def _float_layers(debugger) -> list[dict]:
+    """The int8 model's layers to keep in float: the classifier layer (its fully connected op
+    and softmax, so probabilities are not rounded to 1/256 steps and cannot tie), and the at
+    most :data:`MAX_FLOAT_LAYERS` layers whose quantization error exceeds
+    :data:`FLOAT_LAYER_ERROR` steps. None where that would leave less than half the ops int8."""
+    out = io.StringIO()
+    debugger.layer_statistics_dump(out)
+    rows = list(csv.DictReader(io.StringIO(out.getvalue())))
+    for row in rows:  # RMSE against float, in quantization steps of the layer's output
+        row["rmse_steps"] = math.sqrt(float(row["mean_squared_error"])) / float(row["scale"])
+    worst = sorted(rows, key=lambda row: -row["rmse_steps"])[:MAX_FLOAT_LAYERS]
+    head = [row for row in rows[-2:] if row["op_name"] in ("FULLY_CONNECTED", "SOFTMAX")]
+    chosen = head + [row for row in worst if row["rmse_steps"] > FLOAT_LAYER_ERROR]
+    layers = {  # by tensor, in order: the classifier layer may also be among the worst
+        row["tensor_name"]: {
+            "op": row["op_name"],
+            "tensor": row["tensor_name"],
+            "rmse_steps": round(row["rmse_steps"], 3),
+        }
+        for row in chosen
+    }
+    layers = list(layers.values())
+    return layers if 2 * len(layers) <= len(rows) else []
 
 
 class Classifier:
@@ -82,6 +133,19 @@ class Classifier:
         (self.input,) = self.interpreter.get_input_details()
         (self.output,) = self.interpreter.get_output_details()
         self.seconds: list[float] = []  # of each invoke()
+
+    def op_counts(self) -> dict:
+        """How many ops the model runs, and how many of them compute in float32."""
+        tensors = {t["index"]: t["dtype"] for t in self.interpreter.get_tensor_details()}
+        ops = [  # the debugger's own way to list ops
+            op
+            for op in self.interpreter._get_ops_details()  # noqa: SLF001
+            if op["op_name"] not in ("QUANTIZE", "DEQUANTIZE", "DELEGATE")
+        ]
+        computes_in_float = [
+            op for op in ops if any(tensors.get(i) == np.float32 for i in op["inputs"] if i >= 0)
+        ]
+        return {"ops": len(ops), "float_ops": len(computes_in_float)}
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         """``[1, S, S, C]`` float32 -> ``[1, num_labels]`` probabilities."""
@@ -163,7 +227,7 @@ def export_tflite(
             dataset.files[csv_format.TRAIN], dim, decode, REPRESENTATIVE_IMAGES, config.seed
         )
     started = time.monotonic()
-    content = convert(serving_model, image_shape, config.quantize, representative)
+    content, float_layers = convert(serving_model, image_shape, config.quantize, representative)
     convert_seconds = time.monotonic() - started
     path = join(config.model_dir, TFLITE_FILE)
     with tf.io.gfile.GFile(f"{path}.tmp", "wb") as f:
@@ -184,6 +248,8 @@ def export_tflite(
             "value_range": list(value_range),
         },
         "size_bytes": len(content),
+        **classifier.op_counts(),
+        "float_layers": float_layers,
         "convert_seconds": round(convert_seconds, 2),
         "representative_images": (
             min(REPRESENTATIVE_IMAGES, dataset.counts[csv_format.TRAIN]) if representative else 0
