@@ -7,7 +7,6 @@ job also writes ``metrics.json`` and ``confusion_matrix.png`` (:mod:`evaluation`
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import apache_beam as beam
@@ -103,15 +102,9 @@ class WriteSummaryFn(beam.DoFn):
 
 
 def _confusion_png(metrics: dict, labels: list[str]) -> bytes:
-    import tempfile
+    from evaluation.plots import confusion_matrix_png
 
-    from evaluation.plots import plot_confusion_matrix
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, CONFUSION_PNG)
-        plot_confusion_matrix(path, metrics["confusion_matrix"], labels, "batch predictions")
-        with open(path, "rb") as f:
-            return f.read()
+    return confusion_matrix_png(metrics["confusion_matrix"], labels, "batch predictions")
 
 
 def _write(output_dir: str, name: str, data: bytes) -> None:
