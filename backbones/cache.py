@@ -5,7 +5,8 @@ A built-in backbone (``hubflow-builtin://<name>``) is built on first use by its 
 to a temp dir and renames it into place, so a killed builder never exposes a half-written entry.
 Builds of one entry are serialised by an exclusive ``flock`` on ``<cache>/.<entry>.lock``: when
 two processes (or a Dataflow worker's SDK processes) need the entry at once, the first builds it
-and the others wait, then use it.
+and the others wait, then use it. Entries derived from a backbone (its TFLite conversion,
+:mod:`backbones.tflite_runtime`) are built and checked the same way (:func:`build_once`).
 
 What is verified before an entry is loaded. After a successful build the entry is made
 read-only for group and others and its digest (:func:`entry_digest`: SHA-256 over every file's
@@ -40,7 +41,7 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from backbones import registry
 from schemas.backbones import builtin_name, is_builtin
@@ -129,17 +130,43 @@ def local_handle(handle: str) -> str:
     if not is_builtin(handle):
         return handle
     name = builtin_name(handle)
-    path = os.path.join(_private_cache_dir(), f"{name}-{CACHE_VERSION}")
+    return build_once(
+        f"{name}-{CACHE_VERSION}", lambda path: build_builtin(name, path), f"{name} backbone"
+    )
+
+
+def build_once(entry_name: str, build: Callable[[str], object], what: str, subdir: str = "") -> str:
+    """The cache entry ``<cache>[/<subdir>]/<entry_name>``, built on first use, verified on each.
+
+    ``build(path)`` must write a temp dir beside ``path`` and rename it into place. Builds of one
+    entry are serialised (see the module docstring); an entry that fails verification is deleted
+    and built again, with a warning. Derived entries (a backbone's TFLite conversion) use this
+    too, so they get the same ownership, permission and digest checks.
+
+    Raises:
+      UntrustedCacheError: as :func:`local_handle`.
+      OSError, ValueError: the build failed.
+    """
+    root = _private_cache_dir()
+    if subdir:
+        root = os.path.join(root, subdir)
+        os.makedirs(root, mode=0o700, exist_ok=True)
+        problem = _foreign(os.stat(root))
+        if problem:
+            raise UntrustedCacheError(
+                f"--backbone: the cache folder {root} is {problem}; delete it and rerun"
+            )
+    path = os.path.join(root, entry_name)
     with _locked(path):
         reason = _verify(path)
         if reason is None:
             return path
         if os.path.lexists(path) or os.path.lexists(record_path(path)):
-            _LOGGER.warning("not loading the cached %s backbone: %s; rebuilding it", name, reason)
+            _LOGGER.warning("not loading the cached %s: %s; rebuilding it", what, reason)
             _discard(path)
-        _LOGGER.info("building the %s backbone into %s (first use only)", name, path)
+        _LOGGER.info("building the %s into %s (first use only)", what, path)
         try:
-            build_builtin(name, path)
+            build(path)
         except (OSError, ValueError):
             # A builder the lock does not reach (no flock on this file system) renamed its
             # entry in first: use it once that builder has recorded it.
@@ -149,7 +176,7 @@ def local_handle(handle: str) -> str:
         record(path)
         reason = _verify(path)
         if reason is not None:
-            raise ValueError(f"--backbone: the {name} backbone just built in {path}: {reason}")
+            raise ValueError(f"--backbone: the {what} just built in {path}: {reason}")
     return path
 
 

@@ -92,6 +92,14 @@ def release(spec: BackboneSpec) -> None:
         _PROBED.pop(spec.handle, None)
 
 
+def model_dir(spec: BackboneSpec) -> str:
+    """The SavedModel directory :func:`load` reads: the cache entry of a built-in, TF-Hub's
+    download of a handle URL, or the path itself."""
+    import tensorflow_hub as hub
+
+    return hub.resolve(local_handle(spec.handle))
+
+
 def probe(spec: BackboneSpec) -> BackboneSpec:
     """Loads the backbone once and fills in its input size and embedding size.
 

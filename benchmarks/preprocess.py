@@ -5,6 +5,7 @@ Usage::
     python -m benchmarks.preprocess [--sizes 1000,4000] [--work_dir DIR]
                                     [--batch_sizes 8,16,32,64] [--backbone PATH]
                                     [--loop_n 1000] [--job_batch_size B]
+    python -m benchmarks.preprocess --photo_mix [500x375:1000,2592x1944:300,4032x3024:240]
 
 Method (one run prints every figure):
 
@@ -25,7 +26,10 @@ Method (one run prints every figure):
    timed for ``--seconds`` per batch size, split into 3 round-robin rounds of which each batch
    size keeps its best (so drifting load from other work does not pick the winner); the best
    batch size is the reference ("raw best") and, unless ``--job_batch_size`` says otherwise, the
-   job's ``--batch_size``.
+   job's ``--batch_size``. Then the same for the backbone converted to TFLite at each batch size
+   (the job's conversion and cache, :mod:`backbones.tflite_runtime`; XNNPACK, one thread per
+   core) on uint8 pixels: "raw TFLite". The job's steady rate is reported against both, and the
+   job and the Beam-free loop run the model in the runtime the job resolves (default ``auto``).
 4. **Stage costs.** To explain the end-to-end figure, the job's per-image work is timed on its own
    in one thread on a sample of the images (fastest of 3 passes): pass 2's read + sha256 +
    Pillow validation, pass 3's read + sha256 + decode + JPEG re-encode (q95) + resize to the
@@ -56,6 +60,11 @@ Method (one run prints every figure):
 All figures are printed as a table and written to ``<work_dir>/preprocess_benchmark.json``.
 Timings are wall-clock on whatever else the machine is doing; the load average is recorded
 before each timed step so noisy runs can be spotted.
+
+With ``--photo_mix`` the benchmark instead times the raw backbone (step 3, before and after) and
+the job on real-photo-derived JPEGs of each size of the mix (:mod:`benchmarks.photo_mix`): per
+size the job's per-image functions alone, and the job's steady rate with default flags, against
+the raw backbone and the smallest size (``<work_dir>/preprocess_photo_mix.json``).
 """
 
 from __future__ import annotations
@@ -71,10 +80,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from benchmarks import common, memory
+from benchmarks import common, memory, photo_mix
 from benchmarks.common import CLASSES, BenchmarkError
 
 RESULTS_FILE = "preprocess_benchmark.json"
+PHOTO_MIX_RESULTS_FILE = "preprocess_photo_mix.json"
 RAW_ROUNDS = 3
 
 
@@ -125,32 +135,49 @@ def load_backbone(handle: str):
 
 
 def raw_backbone_throughput(
-    spec, embedder, batch_sizes: Sequence[int], seconds: float, rounds: int = RAW_ROUNDS
+    spec,
+    embedder,
+    batch_sizes: Sequence[int],
+    seconds: float,
+    rounds: int = RAW_ROUNDS,
+    tflite: dict | None = None,
 ) -> dict:
     """Images/s of the model alone on pre-made float32 ``[B, S, S, 3]`` inputs in [0, 1].
 
     The batch sizes are timed round-robin, ``rounds`` times for ``seconds / rounds`` each, and
     each keeps its best round: load from other work then hits every batch size alike instead of
-    deciding which one looks best.
+    deciding which one looks best. With ``tflite`` (batch size -> converted model, see
+    :func:`tflite_models`) those models are timed instead, on uint8 pixels (the model includes
+    the scaling to [0, 1]: a cast and a multiply).
     """
     import tensorflow as tf
 
     size = spec.image_size
+    name = "raw TFLite" if tflite is not None else "raw backbone"
 
     @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
     def embed(images):
         return embedder(images)
 
-    inputs = {
-        batch: tf.random.stateless_uniform([batch, size, size, 3], seed=[1, batch])
-        for batch in batch_sizes
-    }
+    if tflite is not None:
+        batch_sizes = list(tflite)
+        pixels = np.random.default_rng(1).integers(0, 256, [max(batch_sizes), size, size, 3])
+        inputs = {batch: pixels[:batch].astype(np.uint8) for batch in batch_sizes}
+        calls_of = {
+            batch: (lambda x, m=model: tf.constant(m(x))) for batch, model in tflite.items()
+        }
+    else:
+        inputs = {
+            batch: tf.random.stateless_uniform([batch, size, size, 3], seed=[1, batch])
+            for batch in batch_sizes
+        }
+        calls_of = dict.fromkeys(batch_sizes, embed)
     per_batch: dict[int, dict] = {}
     for round_ in range(rounds):
         for batch in batch_sizes:
             load = os.getloadavg()[0]
             calls, elapsed, cpu = common.time_calls(
-                embed, inputs[batch], seconds / rounds, warmup=3 if round_ == 0 else 1
+                calls_of[batch], inputs[batch], seconds / rounds, warmup=3 if round_ == 0 else 1
             )
             rate = batch * calls / elapsed
             entry = per_batch.setdefault(batch, {"round_images_per_s": []})
@@ -166,7 +193,7 @@ def raw_backbone_throughput(
     for batch, entry in per_batch.items():
         rounds_text = ", ".join(f"{r:.1f}" for r in entry["round_images_per_s"])
         print(
-            f"  raw backbone, batch {batch:>4}: {entry['images_per_s']:8.1f} images/s "
+            f"  {name}, batch {batch:>4}: {entry['images_per_s']:8.1f} images/s "
             f"(best of rounds: {rounds_text})",
             flush=True,
         )
@@ -177,6 +204,38 @@ def raw_backbone_throughput(
         "best_images_per_s": per_batch[best]["images_per_s"],
         "best_cpu_ms_per_image": per_batch[best]["cpu_ms_per_image"],
     }
+
+
+def tflite_models(spec, batch_sizes: Sequence[int]) -> dict:
+    """Batch size -> the backbone converted to TFLite for it (the job's conversion and cache,
+    :mod:`backbones.tflite_runtime`), for ``batch_sizes`` and the job's model batch size; a
+    batch size whose conversion fails parity is left out.
+
+    Raises:
+      BenchmarkError: the backbone does not convert.
+    """
+    from backbones import tflite_runtime
+    from schemas.backbones import RUNTIME_TFLITE
+
+    models = {}
+    for batch in sorted({tflite_runtime.MODEL_BATCH_SIZE, *batch_sizes}):
+        runtime = tflite_runtime.resolve(spec, "auto", batch_size=batch)
+        if runtime.name == RUNTIME_TFLITE:
+            models[batch] = tflite_runtime.load(runtime)
+    if not models:
+        raise BenchmarkError(f"{spec.handle} does not convert to TFLite (see the warnings)")
+    return models
+
+
+def job_runtime(spec, job_flags: Sequence[str]):
+    """The runtime the job resolves for its ``--inference_runtime`` (default auto)."""
+    from backbones import tflite_runtime
+
+    requested = "auto"
+    for flag in job_flags:
+        if flag.startswith("--inference_runtime="):
+            requested = flag.split("=", 1)[1]
+    return tflite_runtime.resolve(spec, requested)
 
 
 def _best_pass_ms(fn, passes: int = 3) -> float:
@@ -279,7 +338,9 @@ def stage_costs(work_dir: str, count: int, spec, embedder, batch: int, seconds: 
     }
 
 
-def beam_free_loop(work_dir: str, count: int, spec, batch: int, out_path: str) -> dict:
+def beam_free_loop(
+    work_dir: str, count: int, spec, batch: int, out_path: str, runtime=None
+) -> dict:
     """The job's per-image work with perfect overlap and no framework: this machine's ceiling.
 
     Runs, in this process and without Beam, exactly the functions the job runs per image, in the
@@ -306,7 +367,7 @@ def beam_free_loop(work_dir: str, count: int, spec, batch: int, out_path: str) -
         for i in range(count)
     ]  # fmt: skip
     threads = parallel.default_threads()
-    handler = inference.ImageEmbeddingModelHandler(spec, batch)
+    handler = inference.ImageEmbeddingModelHandler(spec, batch, runtime)  # the job's runtime
     model = handler.load_model()
     encode = transforms.EncodeFn(
         spec.image_size, images.DEFAULT_MAX_PIXELS, None, images.DEFAULT_JPEG_QUALITY
@@ -409,6 +470,7 @@ def run_pipeline_size(
     print(f"  job N={n}: {shlex.join(command)}", flush=True)
     result = memory.run_measured(command, os.path.join(work_dir, "logs", f"job_{n}.log"))
     result["rows"] = check_manifest(output_dir, n)
+    result["inference_runtime"] = common.read_manifest(output_dir).get("inference_runtime")
     result["n"] = n
     result["images_per_s"] = n / result["wall_s"]
     result["command"] = shlex.join(command)
@@ -436,9 +498,13 @@ def summarise(results: dict) -> None:
     loop = results["loop"]
     loop["over_raw"] = loop["images_per_s"] / raw_best
     loop["over_raw_after"] = loop["images_per_s"] / raw_after
+    tflite_best = results["raw_tflite"]["best_images_per_s"]
+    tflite_after = results["raw_tflite_after"]["best_images_per_s"]
     for run in results["runs"]:
         rate, cpu_ms = common.steady(run, startup)
         run["steady_over_raw_after"] = rate / raw_after if rate is not None else None
+        run["steady_over_raw_tflite"] = common.ratio(rate, tflite_best)
+        run["steady_over_raw_tflite_after"] = common.ratio(rate, tflite_after)
         run["e2e_over_raw"] = run["images_per_s"] / raw_best
         run["steady_over_loop"] = rate / loop["images_per_s"] if rate is not None else None
         run["steady_images_per_s"] = rate
@@ -453,6 +519,18 @@ def summarise(results: dict) -> None:
         "tree_ratio": last["peak_tree_rss_mib"] / first["peak_tree_rss_mib"],
         "max_process_ratio": last["max_process_rss_mib"] / first["max_process_rss_mib"],
     }
+
+
+def _raw_rows(timed: dict) -> list[str]:
+    """The per-batch rows of a raw throughput table."""
+    rows = []
+    for batch, r in timed["per_batch"].items():
+        mark = "  <- best" if int(batch) == int(timed["best_batch"]) else ""
+        rows.append(
+            f"  {batch:>5} {r['images_per_s']:9.1f} {r['cpu_ms_per_image']:11.1f} "
+            f"{r['loadavg_1m_before']:5.2f}{mark}"
+        )
+    return rows
 
 
 def format_report(results: dict) -> str:
@@ -470,12 +548,14 @@ def format_report(results: dict) -> str:
         f"{RAW_ROUNDS} rounds)",
         f"  {'batch':>5} {'images/s':>9} {'CPU ms/img':>11} {'load':>5}",
     ]
-    for batch, r in raw["per_batch"].items():
-        mark = "  <- best" if int(batch) == int(raw["best_batch"]) else ""
-        lines.append(
-            f"  {batch:>5} {r['images_per_s']:9.1f} {r['cpu_ms_per_image']:11.1f} "
-            f"{r['loadavg_1m_before']:5.2f}{mark}"
-        )
+    tflite = results["raw_tflite"]
+    lines += [
+        *_raw_rows(raw),
+        f"raw TFLite (the job's conversion, XNNPACK, {m['cpus']} threads; uint8 pixels; best of "
+        f"{RAW_ROUNDS} rounds)",
+        f"  {'batch':>5} {'images/s':>9} {'CPU ms/img':>11} {'load':>5}",
+        *_raw_rows(tflite),
+    ]
     lines += [
         "",
         f"job stages alone (mean over {stages['sample_images']} images; one thread each, "
@@ -509,7 +589,8 @@ def format_report(results: dict) -> str:
         "  per-element work and its start-up",
         "",
         f"pipeline end to end (subprocess, DirectRunner default, --batch_size "
-        f"{results['job_batch_size']})",
+        f"{results['job_batch_size']}, inference runtime "
+        f"{', '.join(sorted({str(r['inference_runtime']) for r in results['runs']}))})",
         f"  {'N':>5} {'wall s':>7} {'img/s':>6} {'steady':>6} {'e2e/raw':>7} {'stdy/raw':>8} "
         f"{'CPUms/im':>8} {'cpu/raw':>7} {'treeRSS':>7} {'procRSS':>7} {'CPU%':>4} {'load':>5}",
     ]
@@ -555,6 +636,11 @@ def format_report(results: dict) -> str:
         f"e2e / raw best  : {best['e2e_over_raw']:.2f} at N={best['n']}; steady / raw best "
         f"{common.cell(best.get('steady_over_raw'), 0, 2)}, steady / raw after "
         f"{common.cell(best.get('steady_over_raw_after'), 0, 2)} (target >= 0.8)",
+        f"raw TFLite best : {tflite['best_images_per_s']:.1f} images/s (batch "
+        f"{tflite['best_batch']}), {results['raw_tflite_after']['best_images_per_s']:.1f} after "
+        f"the jobs; job steady / raw TFLite best "
+        f"{common.cell(best.get('steady_over_raw_tflite'), 0, 2)}, / after "
+        f"{common.cell(best.get('steady_over_raw_tflite_after'), 0, 2)}",
         f"loop / raw best : {results['loop']['over_raw']:.2f} (Beam-free ceiling); job steady / "
         f"loop {common.cell(best.get('steady_over_loop'), 0, 2)} (what Beam keeps of it)",
         f"RSS({growth['to_n']}) / RSS({growth['from_n']}): tree {growth['tree_ratio']:.2f}, "
@@ -638,7 +724,61 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep the job outputs (out_<N>/) instead of deleting them",
     )
+    parser.add_argument(
+        "--photo_mix",
+        nargs="?",
+        const=photo_mix.parse_mix(photo_mix.DEFAULT_MIX),
+        type=photo_mix.parse_mix,
+        default=None,
+        metavar="WxH:N,...",
+        help="instead of the 500x375 runs: the job per photo size, on N real-photo-derived JPEGs "
+        f"of each (default mix {photo_mix.DEFAULT_MIX})",
+    )
     return parser
+
+
+def run_photo_mix(args: argparse.Namespace, results: dict, work_dir: str) -> int:
+    """``--photo_mix``: the raw backbone before and after the job's runs per photo size."""
+    results["json"] = os.path.join(work_dir, PHOTO_MIX_RESULTS_FILE)
+    results["git"] = common.git_revision()
+    try:
+        backbone = args.backbone or os.path.join(work_dir, common.MOBILENET_DIR)
+        if not args.backbone:
+            common.build_mobilenet_backbone(backbone)
+        spec, embedder = load_backbone(backbone)
+        results["backbone"] = spec.to_json()
+        print("[1/3] raw backbone throughput", flush=True)
+        raw = raw_backbone_throughput(spec, embedder, args.batch_sizes, args.seconds)
+        results["raw"] = raw
+        results["job_batch_size"] = args.job_batch_size or raw["best_batch"]
+        print("[2/3] the job per photo size", flush=True)
+        mix = photo_mix.run(
+            work_dir, args.photo_mix, backbone, spec.image_size, results["job_batch_size"],
+            args.job_flag, results["machine"]["cpus"],
+        )  # fmt: skip
+        results["photo_mix"] = mix
+        print("[3/3] raw backbone again, after the job runs", flush=True)
+        after = raw_backbone_throughput(spec, embedder, [raw["best_batch"]], args.seconds)
+        results["raw_after"] = after
+    except BenchmarkError as e:
+        return common.fail(results, e)
+    photo_mix.summarise(
+        mix, raw["best_images_per_s"], after["best_images_per_s"],
+        raw["best_cpu_ms_per_image"], results["machine"]["cpus"],
+    )  # fmt: skip
+    common.write_json(results["json"], results)
+    lines = [
+        *common.report_header("hubflow preprocess benchmark: photo-size mix", results),
+        f"backbone: {spec.handle} ({spec.image_size}px), raw best {raw['best_images_per_s']:.1f} "
+        f"img/s (batch {raw['best_batch']}), after {after['best_images_per_s']:.1f}; job "
+        f"--batch_size {results['job_batch_size']}, runtime {mix[0]['run']['inference_runtime']}, "
+        f"max_image_side {mix[0]['run']['max_image_side']}, code {results['git']}",
+        *photo_mix.format_report(mix, raw, after["best_images_per_s"]),
+        f"json    : {results['json']}",
+        common.REPORT_RULE,
+    ]
+    print("\n".join(lines))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -653,6 +793,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "json": os.path.join(work_dir, RESULTS_FILE),
     }
     cpus = results["machine"]["cpus"]
+    if args.photo_mix:
+        return run_photo_mix(args, results, work_dir)
     try:
         count = max(sizes + [args.startup_n, args.stage_sample, args.loop_n])
         print(f"[1/6] generating {count} images in {work_dir}/images", flush=True)
@@ -668,11 +810,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         spec, embedder = load_backbone(backbone)
         results["backbone"] = spec.to_json()
 
-        print("[3/6] raw backbone throughput", flush=True)
+        print("[3/6] raw backbone throughput: TensorFlow, then TFLite", flush=True)
         results["raw"] = raw_backbone_throughput(spec, embedder, args.batch_sizes, args.seconds)
+        tflite = tflite_models(spec, args.batch_sizes)
+        results["raw_tflite"] = raw_backbone_throughput(
+            spec, embedder, args.batch_sizes, args.seconds, tflite=tflite
+        )
         best_batch = results["raw"]["best_batch"]
         job_batch = args.job_batch_size or best_batch
         results["job_batch_size"] = job_batch
+        runtime = job_runtime(spec, args.job_flag)
+        results["job_runtime"] = runtime.name
 
         print("[4/6] job stages alone", flush=True)
         results["stages"] = stage_costs(
@@ -682,8 +830,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(f"[5/6] Beam-free loop of the job's per-image work, N={args.loop_n}", flush=True)
         results["loop"] = beam_free_loop(
-            work_dir, args.loop_n, spec, job_batch, os.path.join(work_dir, "loop.tfrecord.gz")
-        )
+            work_dir, args.loop_n, spec, job_batch, os.path.join(work_dir, "loop.tfrecord.gz"),
+            runtime,
+        )  # fmt: skip
         print(
             f"      {results['loop']['images_per_s']:.1f} images/s "
             f"({results['loop']['cpu_ms_per_image']:.1f} CPU ms/img)",
@@ -707,6 +856,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # the job runs, so a ratio can be read against the raw rate on either side of them.
         print("      raw backbone again, after the job runs", flush=True)
         results["raw_after"] = raw_backbone_throughput(spec, embedder, [best_batch], args.seconds)
+        best_tflite = results["raw_tflite"]["best_batch"]
+        results["raw_tflite_after"] = raw_backbone_throughput(
+            spec, embedder, [best_tflite], args.seconds, tflite={best_tflite: tflite[best_tflite]}
+        )
     except BenchmarkError as e:
         return common.fail(results, e)
     summarise(results)

@@ -21,7 +21,7 @@ from apache_beam.io.filesystems import FileSystems
 from pipeline import analyze, files
 from schemas import csv_format, features
 from schemas import manifest as manifest_lib
-from schemas.backbones import BackboneSpec
+from schemas.backbones import RUNTIME_TENSORFLOW, BackboneSpec
 from storage.fileops import basename
 from storage.staging import temp_folders
 
@@ -120,12 +120,14 @@ class WriteManifestFn(beam.DoFn):
         options: dict[str, Any],
         created: str,
         versions: dict[str, str],
+        inference_runtime: str = RUNTIME_TENSORFLOW,
     ):
         self._output_dir = output_dir
         self._backbone = backbone
         self._options = options
         self._created = created
         self._versions = versions
+        self._inference_runtime = inference_runtime
 
     def process(self, event_counts, labels, written_files):
         counts: dict[tuple, int] = {tuple(event): n for event, n in event_counts}
@@ -160,6 +162,7 @@ class WriteManifestFn(beam.DoFn):
             options=self._options,
             versions=self._versions,
             created=self._created,
+            inference_runtime=self._inference_runtime,
         )
         out = self._output_dir
         with FileSystems.create(FileSystems.join(out, manifest_lib.LABELS_FILE)) as f:

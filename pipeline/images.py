@@ -11,6 +11,13 @@ Decisions:
     decoded. Pillow's global ``Image.MAX_IMAGE_PIXELS`` is not relied on, but Pillow still
     refuses (and we report as ``too_large``) images above twice that global at open time.
   * Only the first frame of animated or multi-page files is used.
+  * Decoding is done at the size needed: a JPEG is decoded with libjpeg's DCT scaling
+    (``Image.draft``: 1/2, 1/4, 1/8) to the smallest scale that still covers the stored size,
+    then finished with LANCZOS; other formats are box-reduced (``Image.reduce``, through
+    ``resize(reducing_gap=...)``) before LANCZOS. The backbone's pixels are resized from the
+    stored image, so covering the stored size covers them too. Validation decodes a JPEG at
+    1/8 in grayscale: every entropy-coded byte is still read, so it rejects what a full decode
+    rejects (truncation, bad markers).
   * The EXIF (or XMP) orientation is applied and the re-encoded JPEG carries no EXIF, so decoding
     it with TensorFlow (which ignores EXIF) gives the same pixels.
   * Transparency is composited on white. ICC profiles are ignored (pixels are taken as sRGB).
@@ -42,6 +49,12 @@ DEFAULT_MAX_PIXELS = 89_478_485  # same as Pillow's default bomb threshold
 # 64 MiB of file bytes each, instead of a whole multi-GB file.
 DEFAULT_MAX_FILE_BYTES = 64 << 20
 DEFAULT_JPEG_QUALITY = 95
+# Longest side of a stored image (--max_image_side; 0 keeps the original). 512 leaves a 4:3
+# photo 384 px on its short side: above every preset backbone's input (224, 299) enlarged by
+# image-mode training's crop (x1.15) and zoom (x1.1), so no training crop is upsampled. At q95
+# the densest of 920 real photos (hymenoptera, cats-vs-dogs) takes 180 KB at 512x384 (280 KB
+# at 640 px), so a 12-MP photo is stored within 250 KB.
+DEFAULT_MAX_SIDE = 512
 
 SUPPORTED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF")
 
@@ -61,9 +74,10 @@ _SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
 _SUPPORTED_MODES = _SIXTEEN_BIT_MODES | {
     "1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "RGBa", "CMYK", "YCbCr", "LAB", "HSV", "F",
 }  # fmt: skip
-# JPEG DCT scaling (draft) keeps at least this factor above the target size; LANCZOS does the rest.
-_DRAFT_GAP = 2
-_REDUCING_GAP = 3.0
+# Other formats are box-reduced (Image.reduce) as far as they stay this factor above the target
+# size, then LANCZOS (Pillow's thumbnail default): 12 MP to 512 px in 1/4 of LANCZOS's time,
+# 54 dB PSNR from it.
+_REDUCING_GAP = 2.0
 # What Pillow may raise on malformed input, beyond OSError and SyntaxError.
 _DECODE_ERRORS = (
     OSError,
@@ -154,7 +168,8 @@ def decode_rgb(
       data: the encoded image file.
       max_pixels: the largest accepted width * height, checked before decoding.
       max_side: if given, downscale (keeping the aspect ratio, never upscaling) so that the longer
-        side is at most this many pixels.
+        side is at most this many pixels; a JPEG is then decoded at the smallest DCT scale
+        that still covers that size. None keeps the original size.
 
     Returns:
       A loaded PIL image in mode "RGB".
@@ -171,7 +186,10 @@ def decode_rgb(
         target = None
         if max_side is not None and max(image.size) > max_side:
             target = _fit(image.size, max_side)
-            image.draft(None, (target[0] * _DRAFT_GAP, target[1] * _DRAFT_GAP))  # JPEG only
+            # JPEG only: the largest libjpeg scale-down whose result still covers `target`
+            # (a 4032x3024 photo for 512 px: 1/4, 1008x756). Within 0.999 embedding cosine of
+            # decoding at full size, at a fifth of the time.
+            image.draft(None, target)
         image.load()
         transpose = _orientation_transpose(image)
         rgb = _to_rgb(image)

@@ -2,64 +2,74 @@
 
 The handler takes images already resized to the backbone's input size, uint8 ``[S, S, 3]``
 arrays made by :func:`pipeline.images.backbone_pixels` (within about 1/255 of what the exported
-serving model computes from the same image), stacks a batch, scales it with
-:func:`backbones.inputs.pixels_to_backbone_input` and runs the model: nothing but the model
-runs while the batch waits, so the per-image decoding in ``EncodeFn`` can overlap it.
-RunInference loads the model once per worker process (``shared.Shared``) and batches with
-``BatchElements``.
+serving model computes from the same image), stacks a batch and runs the model, which scales it
+(:func:`backbones.tflite_runtime.pixels_model`): nothing but the model runs while the batch
+waits, so the per-image decoding in ``EncodeFn`` can overlap it. RunInference loads the model
+once per worker process (``shared.Shared``) and batches with ``BatchElements``.
+
+The model runs in the runtime the launcher resolved (:func:`resolve_runtime`,
+``--inference_runtime``): TensorFlow, or the backbone converted to TensorFlow Lite and run with
+XNNPACK on every core the worker may use (:mod:`backbones.tflite_runtime`). The launcher converts
+and checks the model once (cached) and remote workers get a staged copy of the file, so every
+worker runs the same checked model and the manifest can name the runtime.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
-import tensorflow as tf
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
+from apache_beam.options.pipeline_options import DebugOptions, GoogleCloudOptions, PipelineOptions
 
-from backbones import hub
-from backbones.inputs import pixels_to_backbone_input
-from schemas.backbones import BackboneSpec
+from backbones import hub, tflite_runtime
+from backbones.tflite_runtime import EmbeddingRuntime
+from pipeline import remote
+from schemas.backbones import RUNTIME_AUTO, RUNTIME_TFLITE, BackboneSpec
+
+# A Dataflow service option or experiment that attaches GPUs to the workers.
+_ACCELERATOR_OPTION = "worker_accelerator"
 
 
 class _Embedder:
-    """The loaded backbone behind one compiled ``images -> embeddings`` function."""
+    """The loaded backbone behind one compiled ``pixels -> embeddings`` TensorFlow function."""
 
     def __init__(self, spec: BackboneSpec):
-        model = hub.load(spec)
-        size = spec.image_size
+        self._model = hub.load(spec)  # keeps the module's variables alive
+        self._embed = tflite_runtime.pixels_model(self._model, spec.image_size)
 
-        @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8)])
-        def embed(pixels: tf.Tensor) -> tf.Tensor:
-            return model(pixels_to_backbone_input(pixels))
-
-        self._model = model  # keeps the module's variables alive
-        self.embed = embed
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        return self._embed(pixels).numpy()
 
 
-class ImageEmbeddingModelHandler(ModelHandler[np.ndarray, PredictionResult, _Embedder]):
+class ImageEmbeddingModelHandler(ModelHandler[np.ndarray, PredictionResult, Any]):
     """Embeds uint8 ``[S, S, 3]`` images; one :class:`PredictionResult` (float32 ``[D]``) per image.
 
     The result's ``example`` is None: the input pixels are not kept past the model call.
     """
 
-    def __init__(self, spec: BackboneSpec, max_batch_size: int = 32):
+    def __init__(
+        self, spec: BackboneSpec, max_batch_size: int = 32, runtime: EmbeddingRuntime | None = None
+    ):
         super().__init__()
         self._spec = spec
         self._max_batch_size = max_batch_size
+        self._runtime = runtime or tflite_runtime.TENSORFLOW
 
-    def load_model(self) -> _Embedder:
+    def load_model(self):
+        if self._runtime.name == RUNTIME_TFLITE:
+            return tflite_runtime.load(self._runtime)
         return _Embedder(self._spec)
 
     def run_inference(
         self,
         batch: Sequence[np.ndarray],
-        model: _Embedder,
+        model,
         inference_args: dict[str, Any] | None = None,
     ) -> Iterable[PredictionResult]:
-        embeddings = model.embed(tf.constant(np.stack(batch))).numpy()
-        embeddings = embeddings.astype(np.float32, copy=False)
+        embeddings = np.asarray(model(np.stack(batch)), dtype=np.float32)
         return [PredictionResult(None, e) for e in embeddings]
 
     def get_num_bytes(self, batch: Sequence[np.ndarray]) -> int:
@@ -72,3 +82,44 @@ class ImageEmbeddingModelHandler(ModelHandler[np.ndarray, PredictionResult, _Emb
         # Fixed-size batches: the adaptive estimator settles on tiny batches when per-image
         # CPU work (decode, re-encode) competes with the model, and the model is fastest batched.
         return {"min_batch_size": self._max_batch_size, "max_batch_size": self._max_batch_size}
+
+
+def workers_have_gpu(beam_args: Sequence[str]) -> bool:
+    """Whether the job's workers have a GPU: a remote runner's accelerator option (Dataflow's
+    ``worker_accelerator``), or, for a local runner, a GPU TensorFlow sees here."""
+    if remote.is_remote(beam_args):
+        options = PipelineOptions(list(beam_args))
+        values = (options.view_as(GoogleCloudOptions).dataflow_service_options or []) + (
+            options.view_as(DebugOptions).experiments or []
+        )
+        return any(_ACCELERATOR_OPTION in value for value in values)
+    import tensorflow as tf
+
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
+def resolve_runtime(
+    spec: BackboneSpec, requested: str, beam_args: Sequence[str] = (), dry_run: bool = False
+) -> tuple[EmbeddingRuntime, tuple[str, ...]]:
+    """The runtime the job embeds with (:func:`backbones.tflite_runtime.resolve`), its TFLite
+    model staged for remote workers, and lines saying so (for a dry run's report).
+
+    Raises:
+      ValueError: one line naming ``--inference_runtime`` (``tflite`` on a backbone that does
+        not convert), or ``UsageError`` naming ``--temp_location`` (nowhere to stage).
+    """
+    gpu = requested == RUNTIME_AUTO and workers_have_gpu(beam_args)
+    runtime = tflite_runtime.resolve(spec, requested, gpu=gpu)
+    notes = [f"--inference_runtime {requested}: {runtime.name} ({runtime.reason})"]
+    if runtime.model_dir:
+        staged, note = remote.for_workers(
+            runtime.model_dir,
+            beam_args,
+            kind="tflite",
+            flag="--inference_runtime",
+            value=requested,
+            dry_run=dry_run,
+        )
+        runtime = dataclasses.replace(runtime, model_dir=staged)
+        notes += [note] if note else []
+    return runtime, tuple(notes)

@@ -215,7 +215,8 @@ def _read_normalisation(model_dir: str) -> dict:
     path = FileSystems.join(model_dir, serving.PREPROCESSING_ASSET)
     if not FileSystems.exists(path):
         _LOGGER.warning(
-            "%s has no %s: images are normalised with preprocessing's defaults",
+            "%s has no %s: images are re-encoded at their own size, as preprocessing stored them "
+            "before it recorded how",
             model_dir,
             serving.PREPROCESSING_ASSET,
         )

@@ -19,7 +19,8 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.runners.runner import PipelineResult
 
-from backbones import cache, hub, registry
+from backbones import cache, hub, registry, tflite_runtime
+from backbones.tflite_runtime import EmbeddingRuntime
 from pipeline import (
     analyze,
     containers,
@@ -27,6 +28,7 @@ from pipeline import (
     dataset,
     files,
     images,
+    inference,
     remote,
     sinks,
     transforms,
@@ -36,13 +38,14 @@ from pipeline.options import StagedJob, add_output_flags, check_inputs_outside, 
 from pipeline.records import ERRORS, error_to_json
 from schemas import csv_format
 from schemas import manifest as manifest_lib
-from schemas.backbones import BackboneSpec, is_builtin
+from schemas.backbones import INFERENCE_RUNTIMES, RUNTIME_AUTO, BackboneSpec, is_builtin
 from schemas.cli import (
     Parser,
     UsageError,
     configure_logging,
     fraction,
     positive_int,
+    positive_int_or_zero,
     report_usage_error,
 )
 from storage import staging
@@ -100,9 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--max_image_side",
-        type=positive_int("--max_image_side"),
-        default=None,
-        help="downscale so the longer side is at most this (default: keep size)",
+        type=positive_int_or_zero("--max_image_side"),
+        default=images.DEFAULT_MAX_SIDE,
+        help="downscale so the longer side is at most this "
+        f"(default {images.DEFAULT_MAX_SIDE}; 0 keeps the original size)",
     )
     parser.add_argument(
         "--max_image_pixels",
@@ -115,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive_int("--max_file_bytes"),
         default=images.DEFAULT_MAX_FILE_BYTES,
         help="reject larger image files unread (default 64 MiB)",
+    )
+    parser.add_argument(
+        "--inference_runtime",
+        choices=INFERENCE_RUNTIMES,
+        default=RUNTIME_AUTO,
+        help="run the backbone in TensorFlow or TFLite (XNNPACK); auto: TFLite on CPU when the "
+        "backbone converts with the same embeddings, else TensorFlow (default auto)",
     )
     add_output_flags(parser, "dataset")
     return parser
@@ -140,6 +151,7 @@ class Config:
     overwrite: bool
     break_lock: bool
     options: dict
+    inference_runtime: str = RUNTIME_AUTO
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,6 +174,7 @@ class Job(StagedJob):
     worker_backbone: BackboneSpec  # where the workers load it (a staged copy on Dataflow)
     notes: tuple[str, ...] = ()
     scratch_dir: str = ""  # tf.Transform's (it writes while the job is built); default: in out
+    runtime: EmbeddingRuntime = tflite_runtime.TENSORFLOW  # how the workers run the backbone
 
     @property
     def tft_temp_dir(self) -> str:
@@ -202,6 +215,7 @@ def parse_config(argv: Sequence[str] | None = None) -> tuple[Config, list[str]]:
         max_file_bytes=args.max_file_bytes,
         overwrite=args.overwrite,
         break_lock=args.break_lock,
+        inference_runtime=args.inference_runtime,
         options=recorded_options(args, beam_args),
     )
     return config, beam_args
@@ -240,8 +254,10 @@ def resolve_inputs(config: Config, dry_run: bool = False) -> Inputs:
 
 
 def resolve(config: Config, inputs: Inputs, beam_args: Sequence[str] = (), dry_run=False) -> Job:
-    """Finds an earlier run's dataset (not on a dry run), probes the backbone and, for a remote
-    runner, stages a local or built-in backbone for the workers (:func:`remote.for_workers`).
+    """Finds an earlier run's dataset (not on a dry run), probes the backbone, picks the runtime
+    that embeds (``--inference_runtime``: a TFLite conversion is made once and cached, see
+    :func:`inference.resolve_runtime`) and, for a remote runner, stages a local or built-in
+    backbone and the TFLite model for the workers (:func:`remote.for_workers`).
 
     Raises:
       UsageError: a dataset is there and ``--overwrite`` was not given, or the backbone
@@ -266,6 +282,9 @@ def resolve(config: Config, inputs: Inputs, beam_args: Sequence[str] = (), dry_r
             )
         spec = hub.probe(spec)
         local = cache.local_handle(spec.handle)
+        runtime, runtime_notes = inference.resolve_runtime(
+            spec, config.inference_runtime, beam_args, dry_run
+        )
     except ValueError as e:
         raise UsageError(str(e)) from e
     image = containers.container_image(beam_args)
@@ -276,14 +295,15 @@ def resolve(config: Config, inputs: Inputs, beam_args: Sequence[str] = (), dry_r
             f"--backbone {config.backbone}: not staged; the workers load it from the cache of "
             f"{image[1]} (hubflow's image holds it; another builds it on first use)"
         )
-        return Job(config, inputs, spec, previous, spec, (note,))
+        return Job(config, inputs, spec, previous, spec, (note, *runtime_notes), runtime=runtime)
     staged, note = remote.for_workers(
         local, beam_args, kind="backbone", flag="--backbone", value=config.backbone, dry_run=dry_run
     )
     worker = spec if staged == local else dataclasses.replace(spec, handle=staged)
     if worker is not spec:
         hub.release(spec)  # the workers load the staged copy, not the probed module
-    return Job(config, inputs, spec, previous, worker, (note,) if note else ())
+    notes = ((note,) if note else ()) + runtime_notes
+    return Job(config, inputs, spec, previous, worker, notes, runtime=runtime)
 
 
 def build_pipeline(p: beam.Pipeline, job: Job) -> None:
@@ -325,6 +345,7 @@ def build_pipeline(p: beam.Pipeline, job: Job) -> None:
         labels,
         total_accepted,
         max_file_bytes=config.max_file_bytes,
+        runtime=job.runtime,
     )
 
     written_files = []
@@ -380,6 +401,7 @@ def build_pipeline(p: beam.Pipeline, job: Job) -> None:
                 config.options,
                 datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                 dataset.package_versions(),
+                job.runtime.name,
             ),
             labels=beam.pvalue.AsSingleton(labels),
             written_files=beam.pvalue.AsList(done),

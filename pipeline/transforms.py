@@ -4,9 +4,9 @@ The job runs in three passes so that nothing image-sized is ever held for a glob
 
 1. ``ReadRows``: label CSVs / image dirs -> rows (parse errors to the dead letter), reshuffled
    so the image work spreads over workers.
-2. ``HashAndValidate`` + ``ResolveDuplicates``: read each image once to hash and fully decode
-   it, then group rows by content hash: duplicates are counted, conflicting labels rejected,
-   and the split is fixed from the hash. Only small row records cross this shuffle.
+2. ``HashAndValidate`` + ``ResolveDuplicates``: read each image once to hash and decode it (a
+   JPEG at 1/8 scale), then group rows by content hash: duplicates are counted, conflicting labels
+   rejected, and the split is fixed from the hash. Only small row records cross this shuffle.
 3. ``EncodeAndEmbed``: read the unique images again, re-encode them as JPEG and embed the
    re-encoded pixels with RunInference; examples stream straight into the TFRecord writers.
 
@@ -363,10 +363,12 @@ class EncodeAndEmbed(beam.PTransform):
         total,
         *,
         max_file_bytes: int = images.DEFAULT_MAX_FILE_BYTES,
+        runtime=None,  # backbones.tflite_runtime.EmbeddingRuntime; None: TensorFlow
     ):
         super().__init__()
         self._spec = spec
         self._batch_size = batch_size
+        self._runtime = runtime
         self._encode = EncodeFn(
             spec.image_size,
             max_pixels,
@@ -388,7 +390,9 @@ class EncodeAndEmbed(beam.PTransform):
             | "Materialize" >> beam.Reshuffle()
             | "Encode" >> beam.ParDo(self._encode).with_outputs(ERRORS, main="ok")
         )
-        handler = KeyedModelHandler(ImageEmbeddingModelHandler(self._spec, self._batch_size))
+        handler = KeyedModelHandler(
+            ImageEmbeddingModelHandler(self._spec, self._batch_size, self._runtime)
+        )
         embedded, failed = encoded.ok | "Embed" >> RunInference(handler).with_exception_handling()
         embed_errors = failed.failed_inferences | "FailedBatches" >> beam.FlatMap(
             _failed_batch_errors

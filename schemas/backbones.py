@@ -17,6 +17,13 @@ VALUE_RANGE = (0.0, 1.0)
 # handle names the recipe, and each machine resolves it to its own cache path.
 BUILTIN_SCHEME = "hubflow-builtin://"
 
+# How preprocessing runs the backbone (``--inference_runtime``). The manifest records the runtime
+# actually used, tensorflow or tflite; ``auto`` picks one per job.
+RUNTIME_AUTO = "auto"
+RUNTIME_TENSORFLOW = "tensorflow"
+RUNTIME_TFLITE = "tflite"
+INFERENCE_RUNTIMES = (RUNTIME_AUTO, RUNTIME_TENSORFLOW, RUNTIME_TFLITE)
+
 
 @dataclasses.dataclass(frozen=True)
 class BackboneSpec:

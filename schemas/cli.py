@@ -54,6 +54,23 @@ def positive_int(flag: str):
     return parse
 
 
+def positive_int_or_zero(flag: str):
+    """An argparse type: an integer > 0, or 0 for "no limit", which parses as None."""
+
+    def parse(value: str) -> int | None:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} must be an integer, got {value!r}") from None
+        if number < 0:
+            raise argparse.ArgumentTypeError(
+                f"{flag} must be positive, or 0 for no limit, got {number}"
+            )
+        return number or None
+
+    return parse
+
+
 def fraction(flag: str):
     """An argparse type: a number in [0, 1), with a message naming ``flag``."""
 

@@ -13,7 +13,7 @@ from typing import Any
 import tensorflow as tf
 
 from schemas import csv_format
-from schemas.backbones import BackboneSpec
+from schemas.backbones import RUNTIME_TENSORFLOW, BackboneSpec
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -49,6 +49,9 @@ class Manifest:
     options: dict[str, Any]
     versions: dict[str, str]
     created: str
+    # The runtime that computed the embeddings (schemas.backbones.RUNTIME_*). Manifests written
+    # before it was recorded came from TensorFlow, the only runtime then.
+    inference_runtime: str = RUNTIME_TENSORFLOW
     schema_version: int = SCHEMA_VERSION
 
     def split_count(self, split: str) -> int:
@@ -59,6 +62,7 @@ class Manifest:
             "schema_version": self.schema_version,
             "labels": list(self.labels),
             "backbone": self.backbone.to_json(),
+            "inference_runtime": self.inference_runtime,
             "splits": self.splits,
             "rows": dataclasses.asdict(self.rows),
             "rejected_by_reason": self.rejected_by_reason,
@@ -84,6 +88,7 @@ class Manifest:
             options=data.get("options", {}),
             versions=data.get("versions", {}),
             created=data.get("created", ""),
+            inference_runtime=data.get("inference_runtime", RUNTIME_TENSORFLOW),
         )
 
 
