@@ -56,6 +56,22 @@ def write_dataset(root, per_class: int = 12, labels=None) -> dict[str, list[str]
     return files
 
 
+def record_jpeg_drafts(monkeypatch) -> list[tuple[int, int]]:
+    """The sizes JPEGs are decoded at (their size after ``draft``), appended as they happen."""
+    from PIL import JpegImagePlugin
+
+    sizes = []
+    original = JpegImagePlugin.JpegImageFile.draft
+
+    def recording_draft(self, mode, size):
+        result = original(self, mode, size)
+        sizes.append(self.size)
+        return result
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", recording_draft)
+    return sizes
+
+
 @pytest.fixture
 def no_gcs(monkeypatch):
     """Makes any use of Beam's gs:// filesystem fail at once (instead of retrying for minutes

@@ -12,12 +12,13 @@ import io
 import numpy as np
 import pytest
 import skimage.data
-from PIL import Image, JpegImagePlugin
+from PIL import Image
 
 from pipeline import images, preprocess, transforms
 from pipeline.records import Row
 from schemas import errors, manifest
 from schemas.cli import UsageError
+from tests.conftest import record_jpeg_drafts
 
 TWELVE_MP = (4032, 3024)
 STORED_BOUND = 250_000  # bytes: a 12-MP photo is stored within 250 KB by default
@@ -49,20 +50,6 @@ def lite0():
     return lambda batch: model(batch, training=False).numpy()
 
 
-def _recorded_drafts(monkeypatch) -> list[tuple[int, int]]:
-    """The sizes JPEGs are decoded at (after ``draft``), appended as they happen."""
-    sizes = []
-    original = JpegImagePlugin.JpegImageFile.draft
-
-    def recording_draft(self, mode, size):
-        result = original(self, mode, size)
-        sizes.append(self.size)
-        return result
-
-    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", recording_draft)
-    return sizes
-
-
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
@@ -79,7 +66,7 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
 def test_jpeg_is_decoded_at_the_smallest_dct_scale_that_covers_the_stored_size(
     monkeypatch, photo_12mp, max_side, decoded, stored
 ):
-    drafts = _recorded_drafts(monkeypatch)
+    drafts = record_jpeg_drafts(monkeypatch)
 
     image = images.decode_rgb(photo_12mp, max_side=max_side)
 
@@ -206,7 +193,7 @@ def test_validation_rejects_truncated_and_corrupt_12mp_jpegs(tmp_path, monkeypat
     for seed in range(3):
         garbage = np.random.default_rng(seed).integers(0, 256, 4000, dtype=np.uint8).tobytes()
         files[f"garbage_{seed}"] = photo_12mp[:middle] + garbage + photo_12mp[middle + 4000 :]
-    drafts = _recorded_drafts(monkeypatch)
+    drafts = record_jpeg_drafts(monkeypatch)
     results = {}
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
@@ -226,7 +213,7 @@ def test_validation_rejects_truncated_and_corrupt_12mp_jpegs(tmp_path, monkeypat
 
 
 def test_pixel_limit_is_enforced_before_any_decoding(monkeypatch, photo_12mp, tmp_path):
-    drafts = _recorded_drafts(monkeypatch)
+    drafts = record_jpeg_drafts(monkeypatch)
     limit = 12_000_000  # below 4032 x 3024 = 12,192,768
 
     (tmp_path / "photo.jpg").write_bytes(photo_12mp)

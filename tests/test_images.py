@@ -11,10 +11,11 @@ import zlib
 
 import numpy as np
 import pytest
-from PIL import Image, ImageFile, JpegImagePlugin
+from PIL import Image, ImageFile
 
 from pipeline import images
 from schemas import errors
+from tests.conftest import record_jpeg_drafts
 
 RED = (255, 0, 0)
 GREEN = (0, 255, 0)
@@ -167,23 +168,15 @@ def test_truncated_jpeg_is_undecodable(decoder, progressive):
 
 
 def test_validate_rejects_truncated_jpeg_in_its_scaled_draft_mode(monkeypatch):
-    drafts = []
-    original_draft = JpegImagePlugin.JpegImageFile.draft
-
-    def recording_draft(self, mode, size):
-        result = original_draft(self, mode, size)
-        drafts.append((result, self.size))
-        return result
-
-    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", recording_draft)
+    drafts = record_jpeg_drafts(monkeypatch)
     data = _encode(_noise((96, 64)), "JPEG")
 
     assert images.validate(data) == (96, 64)
-    assert drafts and drafts[-1][0] is not None and drafts[-1][1] == (12, 8)  # decoded at 1/8
+    assert drafts and drafts[-1] == (12, 8)  # decoded at 1/8
     with pytest.raises(images.ImageError) as excinfo:
         images.validate(data[: int(len(data) * 0.9)])
     assert excinfo.value.category == errors.UNDECODABLE
-    assert drafts[-1][1] == (12, 8)
+    assert drafts[-1] == (12, 8)
 
 
 @pytest.mark.filterwarnings("ignore:Corrupt EXIF data")  # a cut TIFF directory
@@ -508,15 +501,7 @@ def test_max_side_downscales_keeping_aspect(size, max_side, expected):
 
 
 def test_large_jpeg_downscale_uses_dct_scaling_and_keeps_content(monkeypatch):
-    decoded_sizes = []
-    original_draft = JpegImagePlugin.JpegImageFile.draft
-
-    def recording_draft(self, mode, size):
-        result = original_draft(self, mode, size)
-        decoded_sizes.append(self.size)
-        return result
-
-    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", recording_draft)
+    decoded_sizes = record_jpeg_drafts(monkeypatch)
     data = _encode(_halves((1600, 800)), "JPEG")
 
     decoded = images.decode_rgb(data, max_side=100)
