@@ -116,11 +116,18 @@ def test_the_conversion_is_cached_and_redone_when_the_backbone_changes(tmp_path,
     assert changed.model_dir != first.model_dir and changed.model_sha256 != first.model_sha256
     assert _embed(_spec(backbone), changed, _pixels(2)).shape == (2, TINY_DIM + 1)
 
-    # Conversions of a local model that is gone are removed at the next conversion.
+    # Conversions of a local model that is gone are removed at the next conversion; nothing
+    # else in the cache folder is: not another model's conversion, not a folder hubflow did not
+    # write (no conversion record).
+    kept = save_standin_backbone(str(tmp_path / "kept"), TINY_SIZE, TINY_DIM)
+    kept_entry = tflite_runtime.resolve(_spec(kept), "auto").model_dir
+    stranger = os.path.join(os.path.dirname(kept_entry), "not-hubflows")
+    os.makedirs(stranger)
     shutil.rmtree(backbone)
     other = save_standin_backbone(str(tmp_path / "other"), TINY_SIZE, TINY_DIM)
     assert tflite_runtime.resolve(_spec(other), "auto").name == RUNTIME_TFLITE
     assert not os.path.exists(first.model_dir) and not os.path.exists(changed.model_dir)
+    assert os.path.isdir(kept_entry) and os.path.isdir(stranger)
 
 
 def test_a_parity_failure_falls_back_to_tensorflow_with_one_warning(
