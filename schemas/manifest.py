@@ -93,8 +93,10 @@ class Manifest:
 
 
 def empty_splits(labels: list[str]) -> dict[str, dict[str, Any]]:
-    """Split table with zero counts for every split and label."""
-    return {s: {"count": 0, "labels": {label: 0 for label in labels}} for s in csv_format.SPLITS}
+    """Split table with zero counts for every split (the unlabeled one too) and label."""
+    table = {s: {"count": 0, "labels": {label: 0 for label in labels}} for s in csv_format.SPLITS}
+    table[csv_format.UNLABELED] = {"count": 0, "labels": {}}
+    return table
 
 
 def labels_text(labels: list[str]) -> str:
