@@ -34,6 +34,7 @@ from collections.abc import Iterator
 
 import tensorflow as tf
 
+from evaluation.html_report import REPORT_FILE
 from schemas import serving
 from schemas.cli import UsageError
 from schemas.manifest import LABELS_FILE
@@ -48,6 +49,7 @@ CURVES_PNG = "training_curves.png"
 CHECKPOINT_DIR = "checkpoints"
 LOGS_DIR = "logs"
 TFLITE_FILE = "model.tflite"  # --export_tflite; the labels are LABELS_FILE beside it
+REPORT_THUMBS_DIR = "report_thumbs"  # thumbnails of REPORT_FILE's misclassified test images
 # Everything a run writes into --model_dir; the only names --overwrite ever moves or deletes.
 OUTPUTS = (
     CONFIG_FILE,
@@ -60,6 +62,8 @@ OUTPUTS = (
     LOGS_DIR,
     serving.EXPORT_DIR,
     TFLITE_FILE,
+    REPORT_FILE,
+    REPORT_THUMBS_DIR,
 )
 # A version in export/<n>/ is complete once this file is there (hubflow-predict looks for it).
 EXPORT_MARKER = tf.saved_model.SAVED_MODEL_FILENAME_PB
