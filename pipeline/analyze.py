@@ -3,13 +3,15 @@
 Both feed tf.Transform Arrow record batches (its TFXIO input format) built directly, not instance
 dicts, which it would encode to tf.Examples and parse back one row at a time.
 
-* ``LabelVocabulary``: ``tft.vocabulary`` over the labels of the accepted rows (after duplicate
-  and conflict resolution), re-ordered alphabetically — tf.Transform orders vocabularies by
-  frequency, Keras users expect ``image_dataset_from_directory``'s alphabetical order. It runs
-  on the small row records, so label indices are known before any image is re-encoded.
-* ``AnalyzeAndWriteTransformFn``: per-dimension mean and variance of the embeddings
-  (``tft.scale_to_z_score(elementwise=True)``), written as ``transform_fn/`` and
-  ``transformed_metadata/`` for training and the serving export to reuse.
+* ``LabelVocabulary``: ``tft.vocabulary`` over the labels of the accepted labeled rows (after
+  duplicate and conflict resolution; unlabeled rows have none), re-ordered alphabetically —
+  tf.Transform orders vocabularies by frequency, Keras users expect
+  ``image_dataset_from_directory``'s alphabetical order. It runs on the small row records, so
+  label indices are known before any image is re-encoded.
+* ``AnalyzeAndWriteTransformFn``: per-dimension mean and variance of the embeddings of the
+  labeled records, all labeled splits (``tft.scale_to_z_score(elementwise=True)``), written as
+  ``transform_fn/`` and ``transformed_metadata/`` for training and the serving export to reuse.
+  Unlabeled images are left out, so adding some does not move a model's normalisation.
 """
 
 from __future__ import annotations

@@ -4,7 +4,9 @@ This module owns the parsing rules of the label-CSV format described in
 :mod:`schemas.csv_format`: header detection, quoting, line numbers, relative-URI resolution and
 the per-row checks. Every accepted data row becomes a :class:`~pipeline.records.Row`; every
 rejected one becomes an :class:`~schemas.errors.ErrorRecord` with ``stage="parse"`` and
-category :data:`~schemas.errors.BAD_ROW`, so nothing is dropped without a trace.
+category :data:`~schemas.errors.BAD_ROW`, so nothing is dropped without a trace. A row whose label
+cell is blank is an unlabeled image (``Row.label == ""``, see :attr:`Row.unlabeled
+<pipeline.records.Row.unlabeled>`), which the preprocess job writes to the unlabeled split.
 
 There are no Beam transforms here: the functions are plain Python (file access is
 :mod:`pipeline.files`, so local paths and ``gs://`` both work) and are wrapped by the pipeline's
@@ -24,7 +26,14 @@ from apache_beam.io.filesystems import FileSystems
 from pipeline import files
 from pipeline.files import UriResolver
 from pipeline.records import Row
-from schemas.csv_format import COLUMNS, LABEL_COLUMN, SPLIT_COLUMN, SPLITS, URI_COLUMN
+from schemas.csv_format import (
+    COLUMNS,
+    LABEL_COLUMN,
+    SPLIT_COLUMN,
+    SPLITS,
+    UNLABELED,
+    URI_COLUMN,
+)
 from schemas.errors import BAD_ROW, STAGE_PARSE, ErrorRecord
 from schemas.manifest import parse_labels
 
@@ -54,6 +63,9 @@ def parse_csv(source: str, text: str, *, require_label: bool = True) -> Iterator
 
     * Each data row holds an image URI and a label (columns ``URI_COLUMN``, ``LABEL_COLUMN`` of
       :mod:`schemas.csv_format`). Without a header a row must have exactly these 2 cells.
+    * A blank label cell (``a.jpg,``) makes the row an unlabeled image: a ``Row`` whose label
+      is "". Such a row cannot be pinned to a labeled split by the split column (a
+      ``bad_row``): it goes to ``schemas.csv_format.UNLABELED`` by itself.
     * The first non-blank row is a header when its cells (stripped, case-insensitive) are
       column names from ``schemas.csv_format.COLUMNS`` including the URI and label columns. A
       header may list the columns in any order and may add ``SPLIT_COLUMN``, whose value is one
@@ -73,14 +85,17 @@ def parse_csv(source: str, text: str, *, require_label: bool = True) -> Iterator
         recorded in every output and is the base for relative URIs; no I/O is done on it.
       text: the decoded CSV text.
       require_label: False for inputs to score (batch prediction): the label column may be
-        missing from the header, a headerless row may hold the URI alone, and a blank label
-        is allowed (``Row.label`` is then "").
+        missing from the header, a headerless row may hold the URI alone, and the split column
+        is not checked against a blank label. True (a label CSV to preprocess): the label
+        column is required, though its cell may be blank (an unlabeled image).
 
     Yields:
       In file order, a ``Row`` per accepted data row and an ``ErrorRecord`` (stage ``"parse"``,
-      category :data:`~schemas.errors.BAD_ROW`) per malformed row: wrong column count, empty URI, empty label,
-      a label with a line break or another control character (:func:`label_problem`), invalid
-      split value, a repeated header, or a row the ``csv`` module cannot parse.
+      category :data:`~schemas.errors.BAD_ROW`) per malformed row: wrong column count (a
+      one-cell row's reason shows how to write an unlabeled row), empty URI, a label with a line
+      break or another control character (:func:`label_problem`), invalid split value, a blank
+      label pinned to a labeled split, a repeated header, or a row the ``csv`` module cannot
+      parse.
       ``line`` is the 1-based physical line where the row starts (a header is line 1) and
       ``row`` is the row's text as written, without its line terminator.
     """
@@ -263,6 +278,12 @@ def _parse_row(
             reason += f"; a {SPLIT_COLUMN} column needs a header row such as {','.join(COLUMNS)}"
         if "\n" in raw or "\r" in raw:
             reason += "; the row spans several lines: is a closing quote missing?"
+        elif len(cells) == 1 and columns[0] == URI_COLUMN and require_label:
+            unlabeled_row = raw.strip() + "," * (len(columns) - 1)
+            reason += (
+                f"; for an image without a label keep the {LABEL_COLUMN} cell and leave it "
+                f"blank ({unlabeled_row}): it goes to the {UNLABELED} split"
+            )
         raise _RowError(reason)
     values = dict(zip(columns, cells, strict=True))
     if not values[URI_COLUMN]:
@@ -271,17 +292,24 @@ def _parse_row(
         uri = resolver.resolve(values[URI_COLUMN])
     except ValueError as err:
         raise _RowError(str(err)) from err
-    label = values.get(LABEL_COLUMN, "")
-    if not label and require_label:
-        raise _RowError(f"empty {LABEL_COLUMN} for {uri}", uri)
+    label = values.get(LABEL_COLUMN, "")  # blank: an unlabeled image
     problem = label_problem(label)
     if problem is not None:
         raise _RowError(problem, uri)
     split = values.get(SPLIT_COLUMN, "").lower() or None
     if split is not None and split not in SPLITS:
-        raise _RowError(
+        reason = (
             f"invalid {SPLIT_COLUMN} {values[SPLIT_COLUMN]!r}; expected one of "
-            f"{', '.join(SPLITS)} (any case) or blank for the hashed split",
+            f"{', '.join(SPLITS)} (any case) or blank for the hashed split"
+        )
+        if split == UNLABELED:
+            reason += f"; a row with a blank {LABEL_COLUMN} goes to the {UNLABELED} split by itself"
+        raise _RowError(reason, uri)
+    if split is not None and not label and require_label:
+        raise _RowError(
+            f"blank {LABEL_COLUMN} with {SPLIT_COLUMN} {values[SPLIT_COLUMN]!r}: a row without a "
+            f"label goes to the {UNLABELED} split and cannot be pinned to {split}; give it a "
+            f"{LABEL_COLUMN}, or leave {SPLIT_COLUMN} blank to keep it unlabeled",
             uri,
         )
     return Row(source, line, raw, uri, label, split)

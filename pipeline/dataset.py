@@ -1,7 +1,8 @@
 """The preprocess job's output dataset: its file layout, the manifest written last, the summary.
 
 The layout is the one in :mod:`schemas.manifest` and :mod:`schemas.features`: per-split TFRecord
-shards, ``errors-*.jsonl``, the tf.Transform outputs, ``labels.txt`` and ``manifest.json``.
+shards (the unlabeled split's too), ``errors-*.jsonl``, the tf.Transform outputs, ``labels.txt``
+and ``manifest.json``.
 :func:`existing_outputs` names exactly those files (and the temp files the job's writers leave),
 so a rerun with ``--overwrite`` replaces only what this job writes. The job writes into a
 staging folder and publishes with the manifest last (:mod:`storage.staging`), so a dataset with
@@ -29,7 +30,7 @@ from storage.staging import temp_folders
 EVENT_READ = "read"  # ()
 EVENT_DUPLICATE = "duplicate"  # ()
 EVENT_REJECTED = "rejected"  # (category,)
-EVENT_WRITTEN = "written"  # (split, label)
+EVENT_WRITTEN = "written"  # (split, label); label "" in the unlabeled split
 
 VERSIONED_PACKAGES = (
     "hubflow",
@@ -48,7 +49,7 @@ def output_paths(directory: str) -> list[str]:
     names = [manifest_lib.MANIFEST_FILE, manifest_lib.LABELS_FILE]
     patterns = [FileSystems.join(directory, n) for n in names]
     patterns += [
-        FileSystems.join(directory, features.tfrecord_pattern(s)) for s in csv_format.SPLITS
+        FileSystems.join(directory, features.tfrecord_pattern(s)) for s in csv_format.ALL_SPLITS
     ]
     patterns.append(FileSystems.join(directory, f"{manifest_lib.ERRORS_PREFIX}-*"))
     found = files.match_paths(patterns)
@@ -76,18 +77,24 @@ def existing_outputs(output_dir: str) -> list[str]:
 
 
 def format_summary(manifest: manifest_lib.Manifest, output_dir: str) -> str:
-    """A short human summary: examples per split and label, and rejections by reason."""
-    width = max([len(label) for label in manifest.labels] + [5])
-    lines = [f"{'split':<6} {'label':<{width}} {'count':>7}"]
+    """A short human summary: examples per split and label, the unlabeled split's count, and
+    rejections by reason."""
+    unlabeled = manifest.split_count(csv_format.UNLABELED)
+    no_label = "(no label)"
+    width = max([len(label) for label in manifest.labels] + [len(no_label)])
+    split_width = max(len(split) for split in csv_format.ALL_SPLITS)
+    lines = [f"{'split':<{split_width}} {'label':<{width}} {'count':>7}"]
     for split in csv_format.SPLITS:
         for label in manifest.labels:
             count = manifest.splits[split]["labels"].get(label, 0)
-            lines.append(f"{split:<6} {label:<{width}} {count:>7}")
-        lines.append(f"{split:<6} {'(all)':<{width}} {manifest.split_count(split):>7}")
+            lines.append(f"{split:<{split_width}} {label:<{width}} {count:>7}")
+        lines.append(f"{split:<{split_width}} {'(all)':<{width}} {manifest.split_count(split):>7}")
+    lines.append(f"{csv_format.UNLABELED:<{split_width}} {no_label:<{width}} {unlabeled:>7}")
     r = manifest.rows
+    of_them = f" ({unlabeled} of them unlabeled)" if unlabeled else ""
     lines.append(
-        f"rows: read {r.read} = written {r.written} + duplicates {r.duplicates} "
-        f"+ rejected {r.rejected}"
+        f"rows: read {r.read} = written {r.written}{of_them} "
+        f"+ duplicates {r.duplicates} + rejected {r.rejected}"
     )
     for reason, n in sorted(manifest.rejected_by_reason.items(), key=lambda kv: -kv[1]):
         lines.append(f"  rejected {reason}: {n}")
@@ -147,7 +154,8 @@ class WriteManifestFn(beam.DoFn):
                 split, label = event[1], event[2]
                 rows.written += n
                 splits[split]["count"] += n
-                splits[split]["labels"][label] = splits[split]["labels"].get(label, 0) + n
+                if split != csv_format.UNLABELED:  # its records have no label to count
+                    splits[split]["labels"][label] = splits[split]["labels"].get(label, 0) + n
         if not rows.balanced():
             raise RuntimeError(
                 f"row accounting broken: read {rows.read} != written {rows.written} + "

@@ -332,7 +332,7 @@ def build_pipeline(p: beam.Pipeline, job: Job) -> None:
     else:
         labels = (
             accepted
-            | "Labels" >> beam.Map(lambda a: a.row.label)
+            | "Labels" >> beam.FlatMap(lambda a: [] if a.row.unlabeled else [a.row.label])
             | "LabelVocabulary" >> analyze.LabelVocabulary(job.tft_temp_dir)
         )
     total_accepted = accepted | "CountAccepted" >> beam.combiners.Count.Globally()
@@ -349,10 +349,15 @@ def build_pipeline(p: beam.Pipeline, job: Job) -> None:
     )
 
     written_files = []
-    for split in csv_format.SPLITS:
+    for split in csv_format.ALL_SPLITS:
+        # A dataset without unlabeled rows has no unlabeled shard (the labeled splits keep
+        # Beam's one empty shard, as before).
         written_files.append(
             embedded[split]
-            | f"Write[{split}]" >> sinks.WriteToTFRecord(FileSystems.join(out, split))
+            | f"Write[{split}]"
+            >> sinks.WriteToTFRecord(
+                FileSystems.join(out, split), skip_if_empty=split == csv_format.UNLABELED
+            )
         )
 
     errors = (

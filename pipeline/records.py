@@ -33,7 +33,7 @@ class Row(NamedTuple):
       line: 1-based line number of the row in ``source`` (0 for image-dir files).
       row: the row's text as written (for error reports).
       uri: the image URI, resolved to an absolute path/URL.
-      label: the label string (stripped).
+      label: the label string (stripped); "" for an unlabeled image (a blank label cell).
       split: a split forced by the CSV's ``split`` column, or None for the hashed split.
     """
 
@@ -43,6 +43,11 @@ class Row(NamedTuple):
     uri: str
     label: str
     split: str | None = None
+
+    @property
+    def unlabeled(self) -> bool:
+        """The row's label cell was blank: the image goes to the unlabeled split."""
+        return not self.label
 
 
 def counter(name: str):

@@ -41,7 +41,9 @@ class GzipFile(CompressedFile):
 
 
 class _GzipTFRecordSink(tfrecordio._TFRecordSink):  # noqa: SLF001 - Beam's own TFRecord sink
-    def __init__(self, file_path_prefix: str, level: int, strategy: int):
+    def __init__(
+        self, file_path_prefix: str, level: int, strategy: int, skip_if_empty: bool = False
+    ):
         super().__init__(
             file_path_prefix=file_path_prefix,
             coder=beam.coders.BytesCoder(),
@@ -52,6 +54,9 @@ class _GzipTFRecordSink(tfrecordio._TFRecordSink):  # noqa: SLF001 - Beam's own 
         )
         self._level = level
         self._strategy = strategy
+        # FileBasedSink's own switch (its TFRecord subclass does not pass it on): no records,
+        # no file, where Beam would otherwise write one empty shard.
+        self.skip_if_empty = skip_if_empty
 
     def open(self, temp_path):
         raw = FileSystems.create(temp_path, self.mime_type, CompressionTypes.UNCOMPRESSED)
@@ -59,13 +64,21 @@ class _GzipTFRecordSink(tfrecordio._TFRecordSink):  # noqa: SLF001 - Beam's own 
 
 
 class WriteToTFRecord(beam.PTransform):
-    """Serialized examples -> ``<prefix>-SSSSS-of-NNNNN.tfrecord.gz`` (GZIP, runner-sharded)."""
+    """Serialized examples -> ``<prefix>-SSSSS-of-NNNNN.tfrecord.gz`` (GZIP, runner-sharded).
+
+    No examples give one empty shard, or no file with ``skip_if_empty``.
+    """
 
     def __init__(
-        self, file_path_prefix: str, level: int = GZIP_LEVEL, strategy: int = GZIP_STRATEGY
+        self,
+        file_path_prefix: str,
+        level: int = GZIP_LEVEL,
+        strategy: int = GZIP_STRATEGY,
+        *,
+        skip_if_empty: bool = False,
     ):
         super().__init__()
-        self._sink = _GzipTFRecordSink(file_path_prefix, level, strategy)
+        self._sink = _GzipTFRecordSink(file_path_prefix, level, strategy, skip_if_empty)
 
     def expand(self, examples):
         return examples | "Write" >> beam.io.Write(self._sink)

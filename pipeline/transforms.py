@@ -10,6 +10,10 @@ The job runs in three passes so that nothing image-sized is ever held for a glob
 3. ``EncodeAndEmbed``: read the unique images again, re-encode them as JPEG and embed the
    re-encoded pixels with RunInference; examples stream straight into the TFRecord writers.
 
+Rows with a blank label (unlabeled images) take the same three passes and are written to the
+``unlabeled`` split (``schemas.csv_format.UNLABELED``) with label ``features.UNLABELED_INDEX``;
+they never enter the label vocabulary or the embedding statistics.
+
 Per-image work (read, hash, decode, re-encode, resize) runs on a small thread pool inside its
 DoFn (:mod:`pipeline.parallel`), so on a CPU worker it overlaps the model instead of taking
 turns with it.
@@ -40,8 +44,8 @@ from schemas.errors import ErrorRecord, exception_reason
 _LOGGER = logging.getLogger(__name__)
 
 DUPLICATES = "duplicates"
-WRITTEN = "written"
-EMBEDDINGS = "embeddings"
+WRITTEN = "written"  # (split, label) per written record; label "" in the unlabeled split
+EMBEDDINGS = "embeddings"  # the labeled records' embeddings: tf.Transform's statistics
 
 
 class Accepted(NamedTuple):
@@ -97,7 +101,7 @@ class ParseRowsFn(beam.DoFn):
                 yield reject(item)
             elif problem := csv_rows.label_problem(item.label):  # a class folder's name
                 yield reject(ErrorRecord.for_row(item, errors.STAGE_PARSE, errors.BAD_ROW, problem))
-            elif self._known is not None and item.label not in self._known:
+            elif self._known is not None and item.label and item.label not in self._known:
                 yield reject(
                     ErrorRecord.for_row(
                         item,
@@ -193,6 +197,9 @@ class ResolveDuplicatesFn(beam.DoFn):
 
     Same label everywhere: the first row (by source, line) is kept, the rest are ``duplicates``.
     Different labels: every row of the group is rejected as ``conflicting_labels``.
+    Unlabeled rows (blank label) give way to a labeled row: with one, they are ``duplicates`` of
+    it; with conflicting labels, they are rejected with the group (the content is in dispute).
+    A group of unlabeled rows only keeps its first row, in the unlabeled split.
     """
 
     def __init__(self, eval_fraction: float, test_fraction: float):
@@ -202,11 +209,11 @@ class ResolveDuplicatesFn(beam.DoFn):
     def process(self, element: tuple[str, Iterable[Row]]) -> Iterator:
         sha256, group = element
         rows = sorted(group, key=lambda r: (r.source, r.line, r.uri))
-        labels = {r.label for r in rows}
-        if len(labels) > 1:
+        labeled = [r for r in rows if not r.unlabeled]
+        if len({r.label for r in labeled}) > 1:
             for row in rows:
                 others = [
-                    f"{r.label!r} ({r.source}:{r.line})" for r in rows if r.label != row.label
+                    f"{r.label!r} ({r.source}:{r.line})" for r in labeled if r.label != row.label
                 ]
                 reason = (
                     f"conflicting labels: the same image content (sha256 {sha256[:12]}) is also "
@@ -217,13 +224,18 @@ class ResolveDuplicatesFn(beam.DoFn):
                     ErrorRecord.for_row(row, errors.STAGE_DEDUPE, errors.CONFLICTING_LABELS, reason)
                 )
             return
-        for row in rows[1:]:
-            counter("rows_duplicate").inc()
-            yield TaggedOutput(DUPLICATES, row)
-        split = next((r.split for r in rows if r.split), None) or assign_split(
-            sha256, self._eval_fraction, self._test_fraction
-        )
-        yield Accepted(sha256, rows[0], split)
+        kept = labeled[0] if labeled else rows[0]
+        for row in rows:
+            if row is not kept:
+                counter("rows_duplicate").inc()
+                yield TaggedOutput(DUPLICATES, row)
+        if kept.unlabeled:
+            split = csv_format.UNLABELED
+        else:
+            split = next((r.split for r in labeled if r.split), None) or assign_split(
+                sha256, self._eval_fraction, self._test_fraction
+            )
+        yield Accepted(sha256, kept, split)
 
 
 class EncodeFn(ThreadedDoFn):
@@ -286,7 +298,11 @@ class EncodeFn(ThreadedDoFn):
 
 
 class ToExampleFn(beam.DoFn):
-    """Embedded image -> serialized TFExample, tagged with its split."""
+    """Embedded image -> serialized TFExample, tagged with its split.
+
+    An unlabeled image's example has label ``features.UNLABELED_INDEX`` and an empty label text;
+    its embedding is not among the ``EMBEDDINGS`` (the statistics come from labeled records).
+    """
 
     def __init__(self):
         self._index: dict[str, int] | None = None
@@ -315,20 +331,22 @@ class ToExampleFn(beam.DoFn):
             )
             return
         self._progress.update(total=total)
+        unlabeled = accepted.split == csv_format.UNLABELED
         example = features.make_example(
             jpeg=encoded.jpeg,
             height=encoded.height,
             width=encoded.width,
             source=row.uri,
             sha256=accepted.sha256,
-            label=self._index[row.label],
+            label=features.UNLABELED_INDEX if unlabeled else self._index[row.label],
             label_text=row.label,
             embedding=embedding,
         )
         counter("rows_written").inc()
         yield TaggedOutput(accepted.split, example.SerializeToString())
         yield TaggedOutput(WRITTEN, (accepted.split, row.label))
-        yield TaggedOutput(EMBEDDINGS, embedding)
+        if not unlabeled:
+            yield TaggedOutput(EMBEDDINGS, embedding)
 
 
 def _failed_batch_errors(element) -> Iterator[ErrorRecord]:
@@ -350,7 +368,8 @@ def encode_in_flight(batch_size: int) -> int:
 
 
 class EncodeAndEmbed(beam.PTransform):
-    """Accepted rows -> per-split serialized examples, ``written`` events, raw embeddings."""
+    """Accepted rows -> per-split serialized examples (``csv_format.ALL_SPLITS``), ``written``
+    events, the labeled records' raw embeddings."""
 
     def __init__(
         self,
@@ -401,6 +420,6 @@ class EncodeAndEmbed(beam.PTransform):
             ToExampleFn(),
             labels=beam.pvalue.AsSingleton(self._labels),
             total=beam.pvalue.AsSingleton(self._total),
-        ).with_outputs(ERRORS, WRITTEN, EMBEDDINGS, *csv_format.SPLITS)
+        ).with_outputs(ERRORS, WRITTEN, EMBEDDINGS, *csv_format.ALL_SPLITS)
         errors = (encoded[ERRORS], embed_errors, out[ERRORS]) | "EmbedErrors" >> beam.Flatten()
         return out, errors

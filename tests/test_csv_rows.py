@@ -10,7 +10,7 @@ import pytest
 from pipeline.csv_rows import parse_csv, read_csv
 from pipeline.files import list_image_dir, resolve_csv_patterns
 from pipeline.records import Row
-from schemas.csv_format import EVAL, LABEL_COLUMN, SPLIT_COLUMN, TEST, TRAIN, URI_COLUMN
+from schemas.csv_format import EVAL, LABEL_COLUMN, SPLIT_COLUMN, TEST, TRAIN, UNLABELED, URI_COLUMN
 from schemas.errors import ErrorRecord
 
 SOURCE = "/data/set/labels.csv"
@@ -201,10 +201,9 @@ def test_absolute_paths_and_uris_with_a_scheme_are_kept(source):
     [
         ("a.jpg,roses,train", "expected 2 columns"),
         ("a.jpg", "expected 2 columns"),
-        ("a.jpg,", f"empty {LABEL_COLUMN}"),
         (" ,roses", f"empty {URI_COLUMN}"),
     ],
-    ids=["three_columns_no_header", "one_column", "empty_label", "empty_uri"],
+    ids=["three_columns_no_header", "one_column", "empty_uri"],
 )
 def test_malformed_rows_become_error_records(bad, reason_part):
     records = parse(f"ok1.jpg,x\n\n{bad}\nok2.jpg,y\n")
@@ -232,10 +231,47 @@ def test_wrong_column_count_with_header():
     assert "expected 3 columns" in error.reason
 
 
-def test_empty_label_error_carries_resolved_uri():
-    error = only_error(parse("a.jpg,  \n"))
-    assert error.uri == "/data/set/a.jpg"
-    assert error.reason == f"empty {LABEL_COLUMN} for /data/set/a.jpg"
+def test_blank_label_is_an_unlabeled_row():
+    records = only_rows(parse("a.jpg,  \nb.jpg,roses\n"))
+    assert records[0] == Row(SOURCE, 1, "a.jpg,  ", "/data/set/a.jpg", "", None)
+    assert records[0].unlabeled and not records[1].unlabeled
+
+
+def test_blank_label_cell_with_header_is_an_unlabeled_row():
+    text = f'{LABEL_COLUMN},{URI_COLUMN},{SPLIT_COLUMN}\n,a.jpg,\n"",b.jpg,\n'
+    records = only_rows(parse(text))
+    assert [(r.line, r.uri, r.label, r.split) for r in records] == [
+        (2, "/data/set/a.jpg", "", None),
+        (3, "/data/set/b.jpg", "", None),
+    ]
+
+
+def test_one_cell_row_says_how_to_write_an_unlabeled_row():
+    error = only_error(parse("a.jpg\n"))
+    assert error.category == "bad_row"
+    assert "expected 2 columns" in error.reason
+    assert "(a.jpg,)" in error.reason and UNLABELED in error.reason
+    with_split = only_error(parse(f"{HEADER},{SPLIT_COLUMN}\na.jpg\n"))
+    assert "(a.jpg,,)" in with_split.reason
+
+
+@pytest.mark.parametrize("split", [TRAIN, "Eval", TEST])
+def test_blank_label_pinned_to_a_labeled_split_is_a_bad_row(split):
+    text = f"{HEADER},{SPLIT_COLUMN}\na.jpg,,{split}\nb.jpg,roses,{split}\n"
+    records = parse(text)
+    assert [type(r) for r in records] == [ErrorRecord, Row]
+    error = records[0]
+    assert (error.line, error.row, error.uri) == (2, f"a.jpg,,{split}", "/data/set/a.jpg")
+    assert error.category == "bad_row"
+    assert f"blank {LABEL_COLUMN}" in error.reason
+    assert UNLABELED in error.reason and repr(split) in error.reason
+
+
+def test_split_column_cannot_name_the_unlabeled_split():
+    records = parse(f"{HEADER},{SPLIT_COLUMN}\na.jpg,,{UNLABELED}\nb.jpg,roses,{UNLABELED}\n")
+    assert [type(r) for r in records] == [ErrorRecord, ErrorRecord]
+    assert all(f"invalid {SPLIT_COLUMN}" in e.reason for e in records)
+    assert f"blank {LABEL_COLUMN} goes to the {UNLABELED} split" in records[0].reason
 
 
 def test_invalid_split_value_names_value_and_allowed_ones():
@@ -436,6 +472,11 @@ def test_labels_optional_for_scoring():
     assert [(r.uri, r.label) for r in rows] == [("/d/a.jpg", ""), ("/d/b.jpg", "rose")]
     header_only_uri = list(parse_csv("/d/in.csv", "image_uri\nc.jpg\n", require_label=False))
     assert [(r.line, r.uri, r.label) for r in header_only_uri] == [(2, "/d/c.jpg", "")]
+    # scoring ignores labels: a blank one may sit next to a split value
+    pinned = list(
+        parse_csv("/d/in.csv", "image_uri,label,split\nd.jpg,,test\n", require_label=False)
+    )
+    assert [(r.uri, r.label, r.split) for r in pinned] == [("/d/d.jpg", "", "test")]
     # the training contract is unchanged
     strict = list(parse_csv("/d/in.csv", text))
     assert [type(r).__name__ for r in strict] == ["ErrorRecord", "Row"]
