@@ -31,6 +31,7 @@ EVENT_READ = "read"  # ()
 EVENT_DUPLICATE = "duplicate"  # ()
 EVENT_REJECTED = "rejected"  # (category,)
 EVENT_WRITTEN = "written"  # (split, label); label "" in the unlabeled split
+EVENT_REUSED = "reused"  # (); a written record whose JPEG and embedding came from --reuse_from
 
 VERSIONED_PACKAGES = (
     "hubflow",
@@ -43,14 +44,24 @@ VERSIONED_PACKAGES = (
 )
 
 
+def shard_patterns(directory: str) -> list[str]:
+    """Globs of the TFRecord shards of every split (the unlabeled one too) in ``directory``."""
+    return [
+        FileSystems.join(directory, features.tfrecord_pattern(s)) for s in csv_format.ALL_SPLITS
+    ]
+
+
+def shard_paths(directory: str) -> list[str]:
+    """The TFRecord shards of every split present in ``directory``."""
+    return files.match_paths(shard_patterns(directory))
+
+
 def output_paths(directory: str) -> list[str]:
     """The dataset files and folders present in ``directory`` (manifest, labels, shards,
     errors, tf.Transform output): exactly what this job writes, nothing else."""
     names = [manifest_lib.MANIFEST_FILE, manifest_lib.LABELS_FILE]
     patterns = [FileSystems.join(directory, n) for n in names]
-    patterns += [
-        FileSystems.join(directory, features.tfrecord_pattern(s)) for s in csv_format.ALL_SPLITS
-    ]
+    patterns += shard_patterns(directory)
     patterns.append(FileSystems.join(directory, f"{manifest_lib.ERRORS_PREFIX}-*"))
     found = files.match_paths(patterns)
     for name in (manifest_lib.TRANSFORM_FN_DIR, manifest_lib.TRANSFORMED_METADATA_DIR):
@@ -77,8 +88,8 @@ def existing_outputs(output_dir: str) -> list[str]:
 
 
 def format_summary(manifest: manifest_lib.Manifest, output_dir: str) -> str:
-    """A short human summary: examples per split and label, the unlabeled split's count, and
-    rejections by reason."""
+    """A short human summary: examples per split and label, the unlabeled split's count,
+    rejections by reason, and what an incremental run reused."""
     unlabeled = manifest.split_count(csv_format.UNLABELED)
     no_label = "(no label)"
     width = max([len(label) for label in manifest.labels] + [len(no_label)])
@@ -96,6 +107,13 @@ def format_summary(manifest: manifest_lib.Manifest, output_dir: str) -> str:
         f"rows: read {r.read} = written {r.written}{of_them} "
         f"+ duplicates {r.duplicates} + rejected {r.rejected}"
     )
+    if manifest.reuse is not None:
+        reuse = manifest.reuse
+        why = f": {reuse.source}: {reuse.skipped}" if reuse.skipped else f" from {reuse.source}"
+        lines.append(
+            f"reused {reuse.reused} of {r.written} images "
+            f"(embedded {r.written - reuse.reused}){why}"
+        )
     for reason, n in sorted(manifest.rejected_by_reason.items(), key=lambda kv: -kv[1]):
         lines.append(f"  rejected {reason}: {n}")
     if r.rejected:
@@ -118,7 +136,11 @@ def package_versions() -> dict[str, str]:
 
 
 class WriteManifestFn(beam.DoFn):
-    """Checks the row accounting and writes ``manifest.json`` and ``labels.txt`` last."""
+    """Checks the row accounting and writes ``manifest.json`` and ``labels.txt`` last.
+
+    ``reuse``: for a run with ``--reuse_from``, its source and why nothing was reused (if so);
+    the reused records are counted from the ``EVENT_REUSED`` events.
+    """
 
     def __init__(
         self,
@@ -128,6 +150,8 @@ class WriteManifestFn(beam.DoFn):
         created: str,
         versions: dict[str, str],
         inference_runtime: str = RUNTIME_TENSORFLOW,
+        backbone_sha256: str = "",
+        reuse: manifest_lib.Reuse | None = None,
     ):
         self._output_dir = output_dir
         self._backbone = backbone
@@ -135,15 +159,20 @@ class WriteManifestFn(beam.DoFn):
         self._created = created
         self._versions = versions
         self._inference_runtime = inference_runtime
+        self._backbone_sha256 = backbone_sha256
+        self._reuse = reuse
 
     def process(self, event_counts, labels, written_files):
         counts: dict[tuple, int] = {tuple(event): n for event, n in event_counts}
         splits = manifest_lib.empty_splits(labels)
         rejected_by_reason: dict[str, int] = {}
         rows = manifest_lib.RowCounts()
+        reused = 0
         for event, n in sorted(counts.items()):
             kind = event[0]
-            if kind == EVENT_READ:
+            if kind == EVENT_REUSED:
+                reused += n
+            elif kind == EVENT_READ:
                 rows.read += n
             elif kind == EVENT_DUPLICATE:
                 rows.duplicates += n
@@ -161,6 +190,11 @@ class WriteManifestFn(beam.DoFn):
                 f"row accounting broken: read {rows.read} != written {rows.written} + "
                 f"duplicates {rows.duplicates} + rejected {rows.rejected}"
             )
+        if reused > rows.written or (reused and self._reuse is None):
+            raise RuntimeError(f"reuse accounting broken: {reused} reused of {rows.written}")
+        reuse = None
+        if self._reuse is not None:
+            reuse = manifest_lib.Reuse(self._reuse.source, reused, self._reuse.skipped)
         manifest = manifest_lib.Manifest(
             labels=list(labels),
             backbone=self._backbone,
@@ -171,6 +205,8 @@ class WriteManifestFn(beam.DoFn):
             versions=self._versions,
             created=self._created,
             inference_runtime=self._inference_runtime,
+            backbone_sha256=self._backbone_sha256,
+            reuse=reuse,
         )
         out = self._output_dir
         with FileSystems.create(FileSystems.join(out, manifest_lib.LABELS_FILE)) as f:

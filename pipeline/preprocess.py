@@ -30,6 +30,7 @@ from pipeline import (
     images,
     inference,
     remote,
+    reuse,
     sinks,
     transforms,
 )
@@ -127,6 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the backbone in TensorFlow or TFLite (XNNPACK); auto: TFLite on CPU when the "
         "backbone converts with the same embeddings, else TensorFlow (default auto)",
     )
+    parser.add_argument(
+        reuse.FLAG,
+        default=None,
+        metavar="DIR",
+        help="an earlier output dir (local or gs://; may be --output_dir with --overwrite): "
+        "images stored there, made with the same backbone, runtime and image options, keep "
+        "their stored JPEG and embedding; only the others are embedded",
+    )
     add_output_flags(parser, "dataset")
     return parser
 
@@ -152,6 +161,7 @@ class Config:
     break_lock: bool
     options: dict
     inference_runtime: str = RUNTIME_AUTO
+    reuse_from: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,6 +185,8 @@ class Job(StagedJob):
     notes: tuple[str, ...] = ()
     scratch_dir: str = ""  # tf.Transform's (it writes while the job is built); default: in out
     runtime: EmbeddingRuntime = tflite_runtime.TENSORFLOW  # how the workers run the backbone
+    backbone_sha256: str = ""  # over the backbone's files, as the manifest records it
+    reuse_plan: reuse.ReusePlan | None = None  # what --reuse_from gives this run
 
     @property
     def tft_temp_dir(self) -> str:
@@ -216,6 +228,7 @@ def parse_config(argv: Sequence[str] | None = None) -> tuple[Config, list[str]]:
         overwrite=args.overwrite,
         break_lock=args.break_lock,
         inference_runtime=args.inference_runtime,
+        reuse_from=files.absolute(args.reuse_from) if args.reuse_from else None,
         options=recorded_options(args, beam_args),
     )
     return config, beam_args
@@ -256,12 +269,13 @@ def resolve_inputs(config: Config, dry_run: bool = False) -> Inputs:
 def resolve(config: Config, inputs: Inputs, beam_args: Sequence[str] = (), dry_run=False) -> Job:
     """Finds an earlier run's dataset (not on a dry run), probes the backbone, picks the runtime
     that embeds (``--inference_runtime``: a TFLite conversion is made once and cached, see
-    :func:`inference.resolve_runtime`) and, for a remote runner, stages a local or built-in
-    backbone and the TFLite model for the workers (:func:`remote.for_workers`).
+    :func:`inference.resolve_runtime`), digests the backbone's files, decides what
+    ``--reuse_from`` gives (:func:`reuse.plan`) and, for a remote runner, stages a local or
+    built-in backbone and the TFLite model for the workers (:func:`remote.for_workers`).
 
     Raises:
-      UsageError: a dataset is there and ``--overwrite`` was not given, or the backbone
-        cannot be used.
+      UsageError: a dataset is there and ``--overwrite`` was not given, the backbone
+        cannot be used, or ``--reuse_from`` is not a hubflow dataset.
     """
     previous = [] if dry_run else dataset.existing_outputs(config.output_dir)
     if previous and not config.overwrite:
@@ -282,11 +296,29 @@ def resolve(config: Config, inputs: Inputs, beam_args: Sequence[str] = (), dry_r
             )
         spec = hub.probe(spec)
         local = cache.local_handle(spec.handle)
-        runtime, runtime_notes = inference.resolve_runtime(
+        runtime, launch_notes = inference.resolve_runtime(
             spec, config.inference_runtime, beam_args, dry_run
         )
+        digest = tflite_runtime.content_digest(hub.model_dir(spec))  # 40 ms for Lite0's 16 MB
     except ValueError as e:
         raise UsageError(str(e)) from e
+    plan = None
+    if config.reuse_from:
+        plan = reuse.plan(
+            config.reuse_from,
+            backbone=spec,
+            backbone_sha256=digest,
+            runtime=runtime.name,
+            max_image_side=config.max_image_side,
+            jpeg_quality=config.jpeg_quality,
+            dry_run=dry_run,
+        )
+        if plan.skipped:
+            _LOGGER.warning("%s", plan.note)
+        else:
+            _LOGGER.info("%s", plan.note)
+        launch_notes = (*launch_notes, plan.note)
+    decided = {"backbone_sha256": digest, "reuse_plan": plan, "runtime": runtime}
     image = containers.container_image(beam_args)
     if is_builtin(spec.handle) and image and remote.is_remote(beam_args):
         # hubflow's image holds the built backbone (containers/Dockerfile); another image's
@@ -295,15 +327,15 @@ def resolve(config: Config, inputs: Inputs, beam_args: Sequence[str] = (), dry_r
             f"--backbone {config.backbone}: not staged; the workers load it from the cache of "
             f"{image[1]} (hubflow's image holds it; another builds it on first use)"
         )
-        return Job(config, inputs, spec, previous, spec, (note, *runtime_notes), runtime=runtime)
+        return Job(config, inputs, spec, previous, spec, (note, *launch_notes), **decided)
     staged, note = remote.for_workers(
         local, beam_args, kind="backbone", flag="--backbone", value=config.backbone, dry_run=dry_run
     )
     worker = spec if staged == local else dataclasses.replace(spec, handle=staged)
     if worker is not spec:
         hub.release(spec)  # the workers load the staged copy, not the probed module
-    notes = ((note,) if note else ()) + runtime_notes
-    return Job(config, inputs, spec, previous, worker, notes, runtime=runtime)
+    notes = ((note,) if note else ()) + launch_notes
+    return Job(config, inputs, spec, previous, worker, notes, **decided)
 
 
 def build_pipeline(p: beam.Pipeline, job: Job) -> None:
@@ -314,19 +346,41 @@ def build_pipeline(p: beam.Pipeline, job: Job) -> None:
         inputs.csv_paths, inputs.image_dirs, inputs.label_dict
     )
     total_rows = rows | "CountRows" >> beam.combiners.Count.Globally()
+    plan = job.reuse_plan if job.reuse_plan is not None and job.reuse_plan.active else None
+    # An incremental run checks headers here and decodes only the new images (pipeline.reuse).
     hashed = rows | "HashAndValidate" >> beam.ParDo(
-        transforms.HashAndValidateFn(config.max_image_pixels, max_file_bytes=config.max_file_bytes),
+        transforms.HashAndValidateFn(
+            config.max_image_pixels, max_file_bytes=config.max_file_bytes, decode=plan is None
+        ),
         total=beam.pvalue.AsSingleton(total_rows),
     ).with_outputs(ERRORS, main="ok")
-    resolved = (
-        hashed.ok
-        | "GroupByContent" >> beam.GroupByKey()
-        | "ResolveDuplicates"
-        >> beam.ParDo(
-            transforms.ResolveDuplicatesFn(config.eval_fraction, config.test_fraction)
-        ).with_outputs(ERRORS, transforms.DUPLICATES, main="accepted")
-    )
-    accepted = resolved.accepted
+    if plan is None:
+        resolved = (
+            hashed.ok
+            | "GroupByContent" >> beam.GroupByKey()
+            | "ResolveDuplicates"
+            >> beam.ParDo(
+                transforms.ResolveDuplicatesFn(config.eval_fraction, config.test_fraction)
+            ).with_outputs(ERRORS, transforms.DUPLICATES, main="accepted")
+        )
+        accepted = to_encode = resolved["accepted"]
+        stored = None
+    else:
+        resolved = hashed.ok | "MatchPrevious" >> reuse.MatchPrevious(
+            plan.shards,
+            config.eval_fraction,
+            config.test_fraction,
+            config.max_image_pixels,
+            config.max_file_bytes,
+        )
+        known = resolved[reuse.KNOWN]
+        accepted = (
+            resolved["accepted"],
+            known | "KnownRows" >> beam.Values(),
+        ) | "Accepted" >> beam.Flatten()
+        read = known | "ReadStored" >> reuse.ReadStored(job.backbone.embedding_dim)
+        to_encode = (resolved["accepted"], read[reuse.FALLBACK]) | "ToEncode" >> beam.Flatten()
+        stored = read.stored
     if inputs.label_dict is not None:
         labels = p | "LabelDict" >> beam.Create([list(inputs.label_dict)])
     else:
@@ -336,7 +390,8 @@ def build_pipeline(p: beam.Pipeline, job: Job) -> None:
             | "LabelVocabulary" >> analyze.LabelVocabulary(job.tft_temp_dir)
         )
     total_accepted = accepted | "CountAccepted" >> beam.combiners.Count.Globally()
-    embedded, embed_errors = accepted | "EncodeAndEmbed" >> transforms.EncodeAndEmbed(
+    pass3_input = to_encode if stored is None else (to_encode, stored)
+    embedded, embed_errors = pass3_input | "EncodeAndEmbed" >> transforms.EncodeAndEmbed(
         job.worker_backbone,
         config.batch_size,
         config.max_image_pixels,
@@ -392,7 +447,13 @@ def build_pipeline(p: beam.Pipeline, job: Job) -> None:
         | "DuplicateEvents" >> beam.Map(lambda _: (dataset.EVENT_DUPLICATE,)),
         embedded[transforms.WRITTEN]
         | "WrittenEvents" >> beam.Map(lambda sl: (dataset.EVENT_WRITTEN, *sl)),
-    ) | "Events" >> beam.Flatten()
+    )
+    if plan is not None:
+        events += (
+            embedded[transforms.REUSED]
+            | "ReusedEvents" >> beam.Map(lambda _: (dataset.EVENT_REUSED,)),
+        )
+    events = events | "Events" >> beam.Flatten()
     done = tuple(written_files) | "AllWritten" >> beam.Flatten()
     (
         events
@@ -407,6 +468,8 @@ def build_pipeline(p: beam.Pipeline, job: Job) -> None:
                 datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                 dataset.package_versions(),
                 job.runtime.name,
+                job.backbone_sha256,
+                job.reuse_plan.record() if job.reuse_plan is not None else None,
             ),
             labels=beam.pvalue.AsSingleton(labels),
             written_files=beam.pvalue.AsList(done),

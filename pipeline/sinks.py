@@ -7,13 +7,14 @@ matches that are not there: more than decoding and re-encoding the image togethe
 :class:`WriteToTFRecord` here is Beam's TFRecord sink with one change: deflate runs with zlib's
 run-length strategy (``Z_RLE``), which measured 3.5x faster than level 6 on hubflow records and
 kept files within 2% of level 6's size. The files are ordinary GZIP TFRecords: any reader with
-``compression_type="GZIP"`` reads them.
+``compression_type="GZIP"`` reads them; :func:`read_tfrecords` reads them back record by record
+(an incremental run reads an earlier dataset with it).
 """
 
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import apache_beam as beam
 from apache_beam.io import tfrecordio
@@ -99,3 +100,17 @@ def write_tfrecords(
             count += 1
         f.close()
     return count
+
+
+def read_tfrecords(path: str) -> Iterator[bytes]:
+    """The records of one GZIP TFRecord file (any Beam filesystem), streamed one at a time.
+
+    Each record's length and data checksums are verified (Beam's own TFRecord framing).
+
+    Raises:
+      ValueError: a record is cut short or fails its checksum; OSError (or Beam's IOError
+        wrappers) when the file cannot be opened, or its GZIP stream is corrupt.
+    """
+    with FileSystems.open(path, compression_type=CompressionTypes.GZIP) as f:
+        while (record := tfrecordio._TFRecordUtil.read_record(f)) is not None:  # noqa: SLF001
+            yield record

@@ -14,6 +14,11 @@ Rows with a blank label (unlabeled images) take the same three passes and are wr
 ``unlabeled`` split (``schemas.csv_format.UNLABELED``) with label ``features.UNLABELED_INDEX``;
 they never enter the label vocabulary or the embedding statistics.
 
+An incremental run (``--reuse_from``, :mod:`pipeline.reuse`) checks only the headers in pass 2,
+joins the hashes with an earlier dataset's, fully validates only the images that are new, and
+takes the stored JPEG and embedding of the others in pass 3 instead of re-encoding and embedding
+them (``Encoded.reused``).
+
 Per-image work (read, hash, decode, re-encode, resize) runs on a small thread pool inside its
 DoFn (:mod:`pipeline.parallel`), so on a CPU worker it overlaps the model instead of taking
 turns with it.
@@ -45,6 +50,7 @@ _LOGGER = logging.getLogger(__name__)
 
 DUPLICATES = "duplicates"
 WRITTEN = "written"  # (split, label) per written record; label "" in the unlabeled split
+REUSED = "reused"  # the split of each written record whose JPEG and embedding were stored before
 EMBEDDINGS = "embeddings"  # the labeled records' embeddings: tf.Transform's statistics
 
 
@@ -57,12 +63,17 @@ class Accepted(NamedTuple):
 
 
 class Encoded(NamedTuple):
-    """A re-encoded image: the key that carries it through RunInference to its example."""
+    """A re-encoded image: the key that carries it through RunInference to its example.
+
+    ``reused``: the JPEG (and its embedding) were taken from an earlier dataset
+    (:mod:`pipeline.reuse`), not made by this run.
+    """
 
     accepted: Accepted
     height: int
     width: int
     jpeg: bytes
+    reused: bool = False
 
 
 def assign_split(sha256: str, eval_fraction: float, test_fraction: float) -> str:
@@ -139,6 +150,7 @@ class HashAndValidateFn(ThreadedDoFn):
     """Reads a row's image, hashes it and checks that it decodes: ``(sha256, row)``.
 
     Reading, hashing and decoding run on a thread pool (:class:`~pipeline.parallel.ThreadedDoFn`).
+    With ``decode=False`` only the header is checked (see :func:`hash_and_validate`).
     """
 
     def __init__(
@@ -147,10 +159,12 @@ class HashAndValidateFn(ThreadedDoFn):
         threads: int | None = None,
         *,
         max_file_bytes: int = images.DEFAULT_MAX_FILE_BYTES,
+        decode: bool = True,
     ):
         super().__init__(threads)
         self._max_pixels = max_pixels
         self._max_file_bytes = files.check_max_bytes(max_file_bytes)
+        self._decode = decode
         self._progress = Progress("checked images")
         self._total: int | None = None
 
@@ -165,7 +179,9 @@ class HashAndValidateFn(ThreadedDoFn):
         yield from super().process(row, window, timestamp)
 
     def work(self, row: Row) -> str | ErrorRecord:
-        return hash_and_validate(row, self._max_pixels, max_file_bytes=self._max_file_bytes)
+        return hash_and_validate(
+            row, self._max_pixels, max_file_bytes=self._max_file_bytes, decode=self._decode
+        )
 
     def emit(self, row: Row, result: str | ErrorRecord) -> Iterator:
         self._progress.update(total=self._total)
@@ -176,17 +192,26 @@ class HashAndValidateFn(ThreadedDoFn):
 
 
 def hash_and_validate(
-    row: Row, max_pixels: int, *, max_file_bytes: int = images.DEFAULT_MAX_FILE_BYTES
+    row: Row,
+    max_pixels: int,
+    *,
+    max_file_bytes: int = images.DEFAULT_MAX_FILE_BYTES,
+    decode: bool = True,
 ) -> str | ErrorRecord:
     """The sha256 hex digest of a row's image, or why the row is rejected.
 
-    Only a regular file of at most ``max_file_bytes`` bytes is read (see ``files``).
+    Only a regular file of at most ``max_file_bytes`` bytes is read (see ``files``). With
+    ``decode=False`` only the header is checked (format, pixel limit, pixel mode: every check of
+    :func:`images.validate` but the decode), for bytes already known to decode.
     """
     data = files.read_row_image(row, max_file_bytes)
     if isinstance(data, ErrorRecord):
         return data
     try:
-        images.validate(data, max_pixels)
+        if decode:
+            images.validate(data, max_pixels)
+        else:
+            images.image_format(data, max_pixels)
     except images.ImageError as e:
         return ErrorRecord.for_row(row, errors.STAGE_DECODE, e.category, str(e))
     return images.sha256_hex(data)
@@ -302,6 +327,7 @@ class ToExampleFn(beam.DoFn):
 
     An unlabeled image's example has label ``features.UNLABELED_INDEX`` and an empty label text;
     its embedding is not among the ``EMBEDDINGS`` (the statistics come from labeled records).
+    A reused image (``Encoded.reused``) is also counted on the ``REUSED`` output.
     """
 
     def __init__(self):
@@ -345,6 +371,9 @@ class ToExampleFn(beam.DoFn):
         counter("rows_written").inc()
         yield TaggedOutput(accepted.split, example.SerializeToString())
         yield TaggedOutput(WRITTEN, (accepted.split, row.label))
+        if encoded.reused:
+            counter("rows_reused").inc()
+            yield TaggedOutput(REUSED, accepted.split)
         if not unlabeled:
             yield TaggedOutput(EMBEDDINGS, embedding)
 
@@ -369,7 +398,12 @@ def encode_in_flight(batch_size: int) -> int:
 
 class EncodeAndEmbed(beam.PTransform):
     """Accepted rows -> per-split serialized examples (``csv_format.ALL_SPLITS``), ``written``
-    events, the labeled records' raw embeddings."""
+    (and ``reused``) events, the labeled records' raw embeddings.
+
+    The input is the accepted rows, or ``(accepted, stored)`` where ``stored`` holds images an
+    earlier dataset already encoded and embedded, as ``(Encoded, PredictionResult)`` pairs
+    (:class:`pipeline.reuse.ReadStoredFn`): they join the embedded images at ``ToExample``.
+    """
 
     def __init__(
         self,
@@ -399,7 +433,8 @@ class EncodeAndEmbed(beam.PTransform):
         self._labels = labels
         self._total = total
 
-    def expand(self, accepted):
+    def expand(self, inputs):
+        accepted, stored = inputs if isinstance(inputs, tuple) else (inputs, None)
         # The labels and the accepted count (side inputs of ToExample) are computed from
         # `accepted`: without this break the runner would fuse Encode with the step producing
         # `accepted` and have to hold every embedded image until those side inputs are ready.
@@ -416,10 +451,12 @@ class EncodeAndEmbed(beam.PTransform):
         embed_errors = failed.failed_inferences | "FailedBatches" >> beam.FlatMap(
             _failed_batch_errors
         )
+        if stored is not None:
+            embedded = (embedded, stored) | "WithStored" >> beam.Flatten()
         out = embedded | "ToExample" >> beam.ParDo(
             ToExampleFn(),
             labels=beam.pvalue.AsSingleton(self._labels),
             total=beam.pvalue.AsSingleton(self._total),
-        ).with_outputs(ERRORS, WRITTEN, EMBEDDINGS, *csv_format.ALL_SPLITS)
+        ).with_outputs(ERRORS, WRITTEN, REUSED, EMBEDDINGS, *csv_format.ALL_SPLITS)
         errors = (encoded[ERRORS], embed_errors, out[ERRORS]) | "EmbedErrors" >> beam.Flatten()
         return out, errors

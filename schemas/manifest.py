@@ -38,6 +38,29 @@ class RowCounts:
 
 
 @dataclasses.dataclass
+class Reuse:
+    """What an incremental run (``--reuse_from``) took from an earlier dataset.
+
+    Attributes:
+      source: the earlier dataset's dir (``--reuse_from``).
+      reused: records written with the stored JPEG and embedding of the earlier dataset; the
+        other written records were decoded, re-encoded and embedded by this run.
+      skipped: why nothing was reused (the earlier dataset was made with other options), or "".
+    """
+
+    source: str
+    reused: int = 0
+    skipped: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"from": self.source, "reused": self.reused, "skipped": self.skipped}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Reuse:
+        return cls(str(data["from"]), int(data.get("reused", 0)), str(data.get("skipped", "")))
+
+
+@dataclasses.dataclass
 class Manifest:
     """Everything a consumer needs to know about one preprocessed dataset."""
 
@@ -52,16 +75,23 @@ class Manifest:
     # The runtime that computed the embeddings (schemas.backbones.RUNTIME_*). Manifests written
     # before it was recorded came from TensorFlow, the only runtime then.
     inference_runtime: str = RUNTIME_TENSORFLOW
+    # sha256 over the backbone SavedModel's files (what computed the embeddings), so a later
+    # run can tell whether the embeddings are still its own; "" in manifests from before it.
+    backbone_sha256: str = ""
+    # Only for a run with --reuse_from; absent (None) otherwise and in older manifests. Kept out
+    # of ``rows`` so that readers which do not know it (older hubflow) still read the manifest.
+    reuse: Reuse | None = None
     schema_version: int = SCHEMA_VERSION
 
     def split_count(self, split: str) -> int:
         return int(self.splits.get(split, {}).get("count", 0))
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        data = {
             "schema_version": self.schema_version,
             "labels": list(self.labels),
             "backbone": self.backbone.to_json(),
+            "backbone_sha256": self.backbone_sha256,
             "inference_runtime": self.inference_runtime,
             "splits": self.splits,
             "rows": dataclasses.asdict(self.rows),
@@ -70,6 +100,9 @@ class Manifest:
             "versions": self.versions,
             "created": self.created,
         }
+        if self.reuse is not None:
+            data["reuse"] = self.reuse.to_json()
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Manifest:
@@ -89,6 +122,8 @@ class Manifest:
             versions=data.get("versions", {}),
             created=data.get("created", ""),
             inference_runtime=data.get("inference_runtime", RUNTIME_TENSORFLOW),
+            backbone_sha256=data.get("backbone_sha256", ""),
+            reuse=Reuse.from_json(data["reuse"]) if data.get("reuse") else None,
         )
 
 
