@@ -56,6 +56,7 @@ from schemas.backbones import (
     builtin_name,
     is_builtin,
 )
+from schemas.manifest import PRECISION_FLOAT32
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -86,6 +87,7 @@ class EmbeddingRuntime:
       batch_size: the batch size the model was converted for (any batch runs through it).
       resize_partial: a partial batch runs at its own size (else it is padded).
       min_cosine: the parity measured against TensorFlow on the probe batch.
+      precision: ``float32``, or ``bfloat16`` (TensorFlow only: oneDNN auto-mixed precision).
     """
 
     name: str
@@ -95,6 +97,7 @@ class EmbeddingRuntime:
     batch_size: int = 0
     resize_partial: bool = True
     min_cosine: float | None = None
+    precision: str = PRECISION_FLOAT32
 
 
 TENSORFLOW = EmbeddingRuntime(RUNTIME_TENSORFLOW, "the default")

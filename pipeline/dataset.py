@@ -152,6 +152,7 @@ class WriteManifestFn(beam.DoFn):
         inference_runtime: str = RUNTIME_TENSORFLOW,
         backbone_sha256: str = "",
         reuse: manifest_lib.Reuse | None = None,
+        precision: str = manifest_lib.PRECISION_FLOAT32,
     ):
         self._output_dir = output_dir
         self._backbone = backbone
@@ -161,6 +162,7 @@ class WriteManifestFn(beam.DoFn):
         self._inference_runtime = inference_runtime
         self._backbone_sha256 = backbone_sha256
         self._reuse = reuse
+        self._precision = precision
 
     def process(self, event_counts, labels, written_files):
         counts: dict[tuple, int] = {tuple(event): n for event, n in event_counts}
@@ -205,6 +207,7 @@ class WriteManifestFn(beam.DoFn):
             versions=self._versions,
             created=self._created,
             inference_runtime=self._inference_runtime,
+            precision=self._precision,
             backbone_sha256=self._backbone_sha256,
             reuse=reuse,
         )

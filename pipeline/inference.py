@@ -12,6 +12,12 @@ The model runs in the runtime the launcher resolved (:func:`resolve_runtime`,
 XNNPACK on every core the worker may use (:mod:`backbones.tflite_runtime`). The launcher converts
 and checks the model once (cached) and remote workers get a staged copy of the file, so every
 worker runs the same checked model and the manifest can name the runtime.
+
+``--precision bfloat16`` runs the backbone in TensorFlow with oneDNN's bfloat16 auto-mixed
+precision, switched on in the process that loads the model (:meth:`load_model`) before its
+function is traced. It needs a CPU with AVX512-BF16 or AMX-BF16 (:func:`cpu_supports_bfloat16`)
+and is TensorFlow only: ``auto`` then means TensorFlow, ``tflite`` is refused. It is refused for
+GPU workers (GPU mixed precision is another mechanism, untested here).
 """
 
 from __future__ import annotations
@@ -28,6 +34,11 @@ from backbones import hub, tflite_runtime
 from backbones.tflite_runtime import EmbeddingRuntime
 from pipeline import remote
 from schemas.backbones import RUNTIME_AUTO, RUNTIME_TFLITE, BackboneSpec
+from schemas.manifest import PRECISION_BFLOAT16, PRECISION_FLOAT32
+
+# /proc/cpuinfo flags of the CPUs oneDNN runs bfloat16 on natively.
+_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+_CPUINFO = "/proc/cpuinfo"
 
 # A Dataflow service option or experiment that attaches GPUs to the workers.
 _ACCELERATOR_OPTION = "worker_accelerator"
@@ -61,6 +72,8 @@ class ImageEmbeddingModelHandler(ModelHandler[np.ndarray, PredictionResult, Any]
     def load_model(self):
         if self._runtime.name == RUNTIME_TFLITE:
             return tflite_runtime.load(self._runtime)
+        if self._runtime.precision == PRECISION_BFLOAT16:
+            enable_bfloat16()
         return _Embedder(self._spec)
 
     def run_inference(
@@ -84,6 +97,57 @@ class ImageEmbeddingModelHandler(ModelHandler[np.ndarray, PredictionResult, Any]
         return {"min_batch_size": self._max_batch_size, "max_batch_size": self._max_batch_size}
 
 
+def cpu_supports_bfloat16(cpuinfo: str = _CPUINFO) -> bool:
+    """Whether this machine's CPU runs bfloat16 natively (Linux ``/proc/cpuinfo`` flags)."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+    except OSError:  # not Linux: no way to tell, so no
+        return False
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.partition(":")[2].split())
+    return any(flag in flags for flag in _BF16_CPU_FLAGS)
+
+
+def enable_bfloat16() -> None:
+    """Switches on oneDNN bfloat16 auto-mixed precision for this process's TensorFlow functions
+    traced from now on (process-wide: a worker process runs one job's model).
+
+    Raises:
+      RuntimeError: the CPU lacks bfloat16 support (a worker unlike the launcher's machine).
+    """
+    if not cpu_supports_bfloat16():
+        raise RuntimeError(
+            "--precision bfloat16: this worker's CPU has neither avx512_bf16 nor amx_bf16"
+        )
+    import tensorflow as tf
+
+    tf.config.optimizer.set_experimental_options({"auto_mixed_precision_onednn_bfloat16": True})
+
+
+def check_precision(precision: str, requested: str, beam_args: Sequence[str] = ()) -> str | None:
+    """Why ``--precision`` cannot be used with ``--inference_runtime requested`` on these
+    workers (one line), or None. A remote runner's worker CPU is checked when it loads the model.
+    """
+    if precision == PRECISION_FLOAT32:
+        return None
+    if requested == RUNTIME_TFLITE:
+        return (
+            f"--precision {precision}: runs in TensorFlow, and TFLite is float32 only; use "
+            "--inference_runtime auto or tensorflow, or --precision float32"
+        )
+    if workers_have_gpu(beam_args):
+        return f"--precision {precision}: not supported on GPU workers; use --precision float32"
+    if not remote.is_remote(beam_args) and not cpu_supports_bfloat16():
+        return (
+            f"--precision {precision}: this CPU has neither avx512_bf16 nor amx_bf16; "
+            "use --precision float32"
+        )
+    return None
+
+
 def workers_have_gpu(beam_args: Sequence[str]) -> bool:
     """Whether the job's workers have a GPU: a remote runner's accelerator option (Dataflow's
     ``worker_accelerator``), or, for a local runner, a GPU TensorFlow sees here."""
@@ -99,15 +163,27 @@ def workers_have_gpu(beam_args: Sequence[str]) -> bool:
 
 
 def resolve_runtime(
-    spec: BackboneSpec, requested: str, beam_args: Sequence[str] = (), dry_run: bool = False
+    spec: BackboneSpec,
+    requested: str,
+    beam_args: Sequence[str] = (),
+    dry_run: bool = False,
+    precision: str = PRECISION_FLOAT32,
 ) -> tuple[EmbeddingRuntime, tuple[str, ...]]:
     """The runtime the job embeds with (:func:`backbones.tflite_runtime.resolve`), its TFLite
     model staged for remote workers, and lines saying so (for a dry run's report).
 
     Raises:
       ValueError: one line naming ``--inference_runtime`` (``tflite`` on a backbone that does
-        not convert), or ``UsageError`` naming ``--temp_location`` (nowhere to stage).
+        not convert) or ``--precision`` (see :func:`check_precision`), or ``UsageError``
+        naming ``--temp_location`` (nowhere to stage).
     """
+    if precision != PRECISION_FLOAT32:
+        problem = check_precision(precision, requested, beam_args)
+        if problem:
+            raise ValueError(problem)
+        reason = f"--precision {precision} runs in TensorFlow (oneDNN auto-mixed precision)"
+        runtime = dataclasses.replace(tflite_runtime.TENSORFLOW, reason=reason, precision=precision)
+        return runtime, (f"--inference_runtime {requested}: tensorflow ({reason})",)
     gpu = requested == RUNTIME_AUTO and workers_have_gpu(beam_args)
     runtime = tflite_runtime.resolve(spec, requested, gpu=gpu)
     notes = [f"--inference_runtime {requested}: {runtime.name} ({runtime.reason})"]

@@ -129,6 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
         "backbone converts with the same embeddings, else TensorFlow (default auto)",
     )
     parser.add_argument(
+        "--precision",
+        choices=manifest_lib.PRECISIONS,
+        default=manifest_lib.PRECISION_FLOAT32,
+        help="bfloat16: embed in TensorFlow with oneDNN bfloat16 auto-mixed precision (CPUs with "
+        "AVX512-BF16 or AMX-BF16 only; not with --inference_runtime tflite) (default float32)",
+    )
+    parser.add_argument(
         reuse.FLAG,
         default=None,
         metavar="DIR",
@@ -161,6 +168,7 @@ class Config:
     break_lock: bool
     options: dict
     inference_runtime: str = RUNTIME_AUTO
+    precision: str = manifest_lib.PRECISION_FLOAT32
     reuse_from: str | None = None
 
 
@@ -228,6 +236,7 @@ def parse_config(argv: Sequence[str] | None = None) -> tuple[Config, list[str]]:
         overwrite=args.overwrite,
         break_lock=args.break_lock,
         inference_runtime=args.inference_runtime,
+        precision=args.precision,
         reuse_from=files.absolute(args.reuse_from) if args.reuse_from else None,
         options=recorded_options(args, beam_args),
     )
@@ -297,7 +306,7 @@ def resolve(config: Config, inputs: Inputs, beam_args: Sequence[str] = (), dry_r
         spec = hub.probe(spec)
         local = cache.local_handle(spec.handle)
         runtime, launch_notes = inference.resolve_runtime(
-            spec, config.inference_runtime, beam_args, dry_run
+            spec, config.inference_runtime, beam_args, dry_run, config.precision
         )
         digest = tflite_runtime.content_digest(hub.model_dir(spec))  # 40 ms for Lite0's 16 MB
     except ValueError as e:
@@ -309,6 +318,7 @@ def resolve(config: Config, inputs: Inputs, beam_args: Sequence[str] = (), dry_r
             backbone=spec,
             backbone_sha256=digest,
             runtime=runtime.name,
+            precision=runtime.precision,
             max_image_side=config.max_image_side,
             jpeg_quality=config.jpeg_quality,
             dry_run=dry_run,
@@ -470,6 +480,7 @@ def build_pipeline(p: beam.Pipeline, job: Job) -> None:
                 job.runtime.name,
                 job.backbone_sha256,
                 job.reuse_plan.record() if job.reuse_plan is not None else None,
+                job.runtime.precision,
             ),
             labels=beam.pvalue.AsSingleton(labels),
             written_files=beam.pvalue.AsList(done),

@@ -19,6 +19,8 @@ them; they are this run's only if the earlier run encoded and embedded them as t
 * the inference runtime that computed the embeddings (``tensorflow`` or ``tflite``: the
   embeddings' precision). The two agree to a cosine of at least 0.9999 (the TFLite parity check),
   but the manifest states one runtime for every record, so a dataset never mixes them.
+* the precision the backbone ran in (``--precision``: bfloat16 embeddings are within about
+  0.997-0.999 cosine of float32's); a manifest from before it was recorded is float32.
 * ``--max_image_side`` and ``--jpeg_quality``: what the stored JPEG is, and the pixels it was
   embedded from. Other options do not change a stored image: ``--max_image_pixels`` and
   ``--max_file_bytes`` are checked again on every row (below), the fractions, the label
@@ -120,6 +122,7 @@ def mismatch(
     runtime: str,
     max_image_side: int | None,
     jpeg_quality: int,
+    precision: str = manifest_lib.PRECISION_FLOAT32,
 ) -> str | None:
     """Why the earlier dataset's stored JPEGs and embeddings are not what this run would make,
     or None when they are (see the module docstring for what is compared)."""
@@ -147,6 +150,11 @@ def mismatch(
             f"its embeddings were computed with {previous.inference_runtime}, this run embeds "
             f"with {runtime} (see --inference_runtime)"
         )
+    if previous.precision != precision:
+        return (
+            f"its embeddings were computed in {previous.precision}, this run embeds in "
+            f"{precision} (see --precision)"
+        )
     options = previous.options
     if "max_image_side" not in options or "jpeg_quality" not in options:
         return "its manifest does not record --max_image_side and --jpeg_quality"
@@ -171,6 +179,7 @@ def plan(
     runtime: str,
     max_image_side: int | None,
     jpeg_quality: int,
+    precision: str = manifest_lib.PRECISION_FLOAT32,
     dry_run: bool = False,
 ) -> ReusePlan:
     """Reads ``--reuse_from``'s manifest, compares it with this run and lists its shards.
@@ -192,7 +201,9 @@ def plan(
         previous = manifest_lib.read_manifest(source)
     except ValueError as e:
         raise UsageError(f"{FLAG}: {e}") from None
-    reason = mismatch(previous, backbone, backbone_sha256, runtime, max_image_side, jpeg_quality)
+    reason = mismatch(
+        previous, backbone, backbone_sha256, runtime, max_image_side, jpeg_quality, precision
+    )
     if reason:
         note = f"{FLAG} {source}: reusing nothing: {reason}"
         return ReusePlan(source, skipped=reason, note=note)

@@ -60,6 +60,14 @@ class Reuse:
         return cls(str(data["from"]), int(data.get("reused", 0)), str(data.get("skipped", "")))
 
 
+# The numeric precision the backbone ran in (``--precision``). bfloat16 is TensorFlow's oneDNN
+# auto-mixed precision: embeddings within about 0.997-0.999 cosine of float32's, so a dataset
+# records which one made them and never mixes them. Manifests from before it read as float32.
+PRECISION_FLOAT32 = "float32"
+PRECISION_BFLOAT16 = "bfloat16"
+PRECISIONS = (PRECISION_FLOAT32, PRECISION_BFLOAT16)
+
+
 @dataclasses.dataclass
 class Manifest:
     """Everything a consumer needs to know about one preprocessed dataset."""
@@ -75,6 +83,7 @@ class Manifest:
     # The runtime that computed the embeddings (schemas.backbones.RUNTIME_*). Manifests written
     # before it was recorded came from TensorFlow, the only runtime then.
     inference_runtime: str = RUNTIME_TENSORFLOW
+    precision: str = PRECISION_FLOAT32  # what the backbone computed in (PRECISIONS)
     # sha256 over the backbone SavedModel's files (what computed the embeddings), so a later
     # run can tell whether the embeddings are still its own; "" in manifests from before it.
     backbone_sha256: str = ""
@@ -93,6 +102,7 @@ class Manifest:
             "backbone": self.backbone.to_json(),
             "backbone_sha256": self.backbone_sha256,
             "inference_runtime": self.inference_runtime,
+            "precision": self.precision,
             "splits": self.splits,
             "rows": dataclasses.asdict(self.rows),
             "rejected_by_reason": self.rejected_by_reason,
@@ -122,6 +132,7 @@ class Manifest:
             versions=data.get("versions", {}),
             created=data.get("created", ""),
             inference_runtime=data.get("inference_runtime", RUNTIME_TENSORFLOW),
+            precision=data.get("precision", PRECISION_FLOAT32),
             backbone_sha256=data.get("backbone_sha256", ""),
             reuse=Reuse.from_json(data["reuse"]) if data.get("reuse") else None,
         )
