@@ -72,6 +72,7 @@ setuptools.setup(
             "hubflow-preprocess=pipeline.preprocess:main",
             "hubflow-train=training.task:main",
             "hubflow-predict=pipeline.predict:main",
+            "hubflow-audit=training.audit:main",
             "hubflow-demo=demo.run:main",
         ],
     },

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import textwrap
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -28,6 +29,7 @@ _LOSS_KEYS = ("loss", "val_loss")
 _ACCURACY_KEYS = (("accuracy", "acc"), ("val_accuracy", "val_acc"))
 _STAGE_KEY = "stage"
 _DPI = 100
+_TITLE_CHARS = 95  # a 10-point title line across the learning-curve figure
 
 
 def _png(figure: Figure) -> bytes:
@@ -220,3 +222,50 @@ def plot_training_curves(path: str, history: Mapping[str, Sequence[float]]) -> N
 def training_curves_png(history: Mapping[str, Sequence[float]]) -> bytes:
     """The training-curve PNG of :func:`plot_training_curves`, as bytes for any storage."""
     return _png(training_curves_figure(history))
+
+
+def learning_curve_figure(
+    points: Sequence[Mapping[str, Any]], title: str = "learning curve", ylabel: str = "accuracy"
+) -> Figure:
+    """Draws accuracy against labels per class: the mean of the draws with a +-1 std band,
+    each draw as a dot, on a log x axis.
+
+    Args:
+        points: dicts with ``k`` (labels per class), ``mean``, ``std`` and ``accuracies`` (one
+            per draw), in increasing ``k`` (the audit's ``learning_curve.json`` points).
+        title: figure title (e.g. the curve's one-line reading), wrapped to the figure's width.
+        ylabel: what was measured (e.g. "test accuracy").
+
+    Returns:
+        The figure (not registered with pyplot).
+    """
+    figure = Figure(figsize=(7.5, 4.5), layout="constrained")
+    axes = figure.add_subplot()
+    if not points:
+        axes.text(0.5, 0.5, "no points", ha="center", va="center", transform=axes.transAxes)
+        axes.set_title(textwrap.fill(title, _TITLE_CHARS), fontsize=10)
+        return figure
+    ks = np.array([float(p["k"]) for p in points])
+    means = np.array([float(p["mean"]) for p in points])
+    stds = np.array([float(p["std"]) for p in points])
+    for k, point in zip(ks, points, strict=True):
+        draws = [float(a) for a in point.get("accuracies", [])]
+        axes.plot([k] * len(draws), draws, ".", color="grey", alpha=0.5, markersize=4)
+    axes.fill_between(ks, means - stds, means + stds, alpha=0.2, label="mean +- 1 std")
+    axes.plot(ks, means, "o-", label="mean of the draws")
+    axes.set_xscale("log")
+    axes.set_xticks(ks, labels=[str(int(k)) for k in ks])
+    axes.minorticks_off()
+    axes.set_xlabel("labeled examples per class (last point: all)")
+    axes.set_ylabel(ylabel)
+    axes.set_title(textwrap.fill(title, _TITLE_CHARS), fontsize=10)
+    axes.grid(True, alpha=0.3)
+    axes.legend(loc="lower right")
+    return figure
+
+
+def learning_curve_png(
+    points: Sequence[Mapping[str, Any]], title: str = "learning curve", ylabel: str = "accuracy"
+) -> bytes:
+    """The learning-curve PNG of :func:`learning_curve_figure`, as bytes for any storage."""
+    return _png(learning_curve_figure(points, title, ylabel))
