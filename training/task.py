@@ -22,12 +22,13 @@ import tensorflow as tf
 import tf_keras
 
 from evaluation import metrics, plots
+from evaluation.html_report import REPORT_FILE
 from schemas import csv_format, serving
 from schemas import manifest as manifest_lib
 from schemas.cli import UsageError, configure_logging, report_usage_error
 from storage.fileops import join
 from storage.locks import DirLock
-from training import augment, checkpoints, cluster, data, export, layout, models, tflite
+from training import augment, checkpoints, cluster, data, export, layout, models, report, tflite
 from training.checkpoints import STAGE_FINE_TUNE, STAGE_HEAD
 from training.config import PROG, TrainConfig, parse_config
 from training.layout import CONFUSION_PNG, CURVES_PNG, METRICS_FILE
@@ -99,6 +100,7 @@ def _train_and_export(config: TrainConfig, dataset: data.Dataset, resumed: bool)
         _write_report(config.model_dir, reports, dataset.manifest.labels, history)
     else:
         tflite.warn_if_stale(config.model_dir)
+    report.write_model_report(config, dataset, model, reports)  # report.html: metrics, gallery
     return TrainResult(model=model, export_dir=export_dir, metrics=reports, history=history)
 
 
@@ -227,6 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(metrics.format_report_table(test))
     print(f"export: {result.export_dir}")
     print(f"metrics, plots, history: {config.model_dir}")
+    print(f"report: {join(config.model_dir, REPORT_FILE)}")
     return 0
 
 
