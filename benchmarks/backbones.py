@@ -81,25 +81,6 @@ def preset_name(preset: str) -> str:
     return f"efficientnet_{preset}"
 
 
-def write_label_csv(data_dir: str, folders: dict[str, str], path: str) -> dict[str, int]:
-    """Label CSV ``image_uri,label,split`` of ``data_dir/<folder>/<label>/*``, each folder's rows
-    pinned to its split (blank: hashed). Returns files per ``folder/label``."""
-    counts: dict[str, int] = {}
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["image_uri", "label", "split"])
-        for folder, split in folders.items():
-            root = os.path.join(data_dir, folder)
-            for label in sorted(d for d in os.listdir(root) if not d.startswith(".")):
-                names = sorted(
-                    n for n in os.listdir(os.path.join(root, label)) if not n.startswith(".")
-                )
-                for name in names:
-                    writer.writerow([os.path.join(root, label, name), label, split])
-                counts[f"{folder}/{label}"] = len(names)
-    return counts
-
-
 def write_startup_csv(data_dir: str, path: str, per_label: int) -> int:
     """A tiny label CSV for the start-up run: the first ``per_label`` photos of each class of
     ``data_dir/train``, pinned round-robin to train, eval and test (none empty). Returns rows."""
@@ -408,7 +389,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for dataset in args.datasets:
             data_dir, folders = DATASETS[dataset]
             csv_path = os.path.join(work_dir, f"{dataset}_labels.csv")
-            counts = write_label_csv(data_dir, folders, csv_path)
+            counts = common.write_folder_csv(data_dir, folders, csv_path)
             common.log(f"\n== 4. {dataset}: label CSV {csv_path}: {counts} ==")
             results[dataset] = {}
             for preset in presets:

@@ -9,6 +9,7 @@ subprocesses (``real_data``) never loads it.
 from __future__ import annotations
 
 import argparse
+import csv
 import io
 import json
 import multiprocessing
@@ -412,3 +413,22 @@ def size_stats(sizes: np.ndarray) -> dict:
         "min_kib": round(float(sizes.min()) / 1024, 1),
         "max_kib": round(float(sizes.max()) / 1024, 1),
     }
+
+
+def write_folder_csv(data_dir: str, folders: dict[str, str], path: str) -> dict[str, int]:
+    """Label CSV ``image_uri,label,split`` of ``data_dir/<folder>/<label>/*``, each folder's rows
+    pinned to its split (blank: hashed). Returns files per ``folder/label``."""
+    counts: dict[str, int] = {}
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image_uri", "label", "split"])
+        for folder, split in folders.items():
+            root = os.path.join(data_dir, folder)
+            for label in sorted(d for d in os.listdir(root) if not d.startswith(".")):
+                names = sorted(
+                    n for n in os.listdir(os.path.join(root, label)) if not n.startswith(".")
+                )
+                for name in names:
+                    writer.writerow([os.path.join(root, label, name), label, split])
+                counts[f"{folder}/{label}"] = len(names)
+    return counts

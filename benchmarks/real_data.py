@@ -60,7 +60,6 @@ timings are noisy: compare CPU seconds, and wall times only between runs with si
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import re
 import shlex
@@ -102,20 +101,7 @@ def run_step(command: list[str], log_path: str) -> dict:
 
 def write_catsdogs_csv(data_dir: str, path: str) -> dict[str, int]:
     """Label CSV ``image_uri,label,split``: train/* rows blank-split, test/* rows ``test``."""
-    counts: dict[str, int] = {}
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["image_uri", "label", "split"])
-        for folder, split in (("train", ""), ("test", "test")):
-            root = os.path.join(data_dir, folder)
-            for label in sorted(d for d in os.listdir(root) if not d.startswith(".")):
-                names = sorted(
-                    n for n in os.listdir(os.path.join(root, label)) if not n.startswith(".")
-                )
-                for name in names:
-                    writer.writerow([os.path.join(root, label, name), label, split])
-                counts[f"{folder}/{label}"] = len(names)
-    return counts
+    return common.write_folder_csv(data_dir, {"train": "", "test": "test"}, path)
 
 
 def _embed_rate(log_path: str) -> float | None:
