@@ -2,8 +2,11 @@
 
 Usage::
 
-    python -m benchmarks.train [--work_dir DIR] [--data_dir DIR] [--skip head|image|scratch]
+    python -m benchmarks.train [--work_dir DIR] [--data_dir DIR]
+                               [--skip head|image|scratch|tuning|fine_tune]
                                [--models linear,dnn,cnn] [--image_subset 512]
+                               [--few_label_k 10] [--draws 5] [--timing_k 300]
+                               [--fine_tune_run "FLAGS" ...]
 
 Method (one run prints every figure; all inputs are built offline and cached in ``--work_dir``):
 
@@ -58,6 +61,23 @@ Method (one run prints every figure; all inputs are built offline and cached in 
    Where the event files cannot be read, epoch ends are estimated as ``(k + 1) * train_seconds
    / epochs`` (marked ``est``).
 
+4. **Head tuning on real photos** (issue 13 items 3 and 5). Datasets made by the real job with
+   the default ``efficientnet_lite0`` backbone from a label CSV ``image_uri,label,split``:
+   *hymenoptera* (``shared/data/hymenoptera``: the 245 ``train/`` photos hashed into train/eval
+   with ``--eval_fraction 0.2 --test_fraction 0``, the 153 ``val/`` photos pinned to test) and
+   *cats-vs-dogs-2k* (the same with ``train/`` and ``test/``), and, for timing, *MNIST-10k*
+   embedded with Lite0 (``--eval_fraction 0.1 --test_fraction 0.2``). Every run is
+   ``task.train(parse_config([...]))`` in this process: default flags (the head tuned on eval)
+   against ``--no_tune`` (one head with the default flags: the trainer before tuning), on all
+   train examples and with ``--examples_per_class --few_label_k`` over ``--draws`` subsample
+   seeds 0, 1, ... (mean, spread). Reported per run: test accuracy and loss, eval loss, the
+   chosen settings, the tuning's wall and CPU seconds and ``train_seconds`` (tuning + the chosen
+   head's training). The timing run trains the tuned head on ``--timing_k`` MNIST digits per
+   class (3,000 at the default 300).
+5. **Fine-tuning recipes** on hymenoptera: ``--features image --fine_tune`` plus each
+   ``--fine_tune_run`` flag string (default: the trainer's default recipe), reporting the eval
+   loss of each stage, the stage exported, test accuracy and the wall time.
+
 All figures are printed as a table and written to ``<work_dir>/train_benchmark.json``.
 Timings are wall clock on whatever else the machine is doing (other benchmarks, tests): the
 1-minute load average before each step and this process's CPU utilisation are recorded so noisy
@@ -72,6 +92,7 @@ import math
 import os
 import shlex
 import shutil
+import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -80,7 +101,7 @@ from benchmarks import common
 from benchmarks.common import SHARED_DATA, BenchmarkError
 
 RESULTS_FILE = "train_benchmark.json"
-PARTS = ("head", "image", "scratch")
+PARTS = ("head", "image", "scratch", "tuning", "fine_tune")
 SCRATCH_TARGETS = {"linear": 0.90, "dnn": 0.95, "cnn": 0.98}
 WITHIN = 0.005  # "within 0.5 points" of the final eval accuracy
 HEAD_EXAMPLES_PER_EPOCH = 8000  # for the repeated 1280-d embedding set
@@ -417,6 +438,165 @@ def time_to_accuracy(mnist_dir: str, model_name: str, work_dir: str) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
+# Head tuning, few labels and fine-tuning on real photos (parts 4 and 5)
+# ----------------------------------------------------------------------------------------------
+
+
+def build_photo_datasets(args, work_dir: str) -> dict[str, dict]:
+    """hymenoptera and cats-vs-dogs-2k (and MNIST for timing), embedded with Lite0."""
+    built = {}
+    photo_sets = {
+        "hymenoptera": (os.path.join(SHARED_DATA, "hymenoptera"), {"train": "", "val": "test"}),
+        "cats-vs-dogs-2k": (
+            os.path.join(SHARED_DATA, "cats-vs-dogs-2k"),
+            {"train": "", "test": "test"},
+        ),
+    }
+    for name, (root, folders) in photo_sets.items():
+        csv_path = os.path.join(work_dir, f"{name}.csv")
+        common.write_folder_csv(root, folders, csv_path)
+        job = [f"--input_csv={csv_path}", "--backbone=efficientnet_lite0"]
+        job += ["--eval_fraction=0.2", "--test_fraction=0", *args.job_flag]
+        built[name] = ensure_dataset(
+            f"{name}_lite0", os.path.join(work_dir, f"{name}_lite0"), job, work_dir, args.rebuild
+        )
+    if args.timing_k:
+        job = [f"--input_csv={args.mnist_csv}", "--backbone=efficientnet_lite0"]
+        job += ["--eval_fraction=0.1", "--test_fraction=0.2", *args.job_flag]
+        built["mnist-10k"] = ensure_dataset(
+            "mnist_lite0", os.path.join(work_dir, "mnist_lite0"), job, work_dir, args.rebuild
+        )
+    return built
+
+
+def train_run(data_dir: str, model_dir: str, flags: list[str]) -> dict:
+    """``task.train`` with ``flags`` (and ``--overwrite``); what the trainer chose and scored."""
+    from training import task
+    from training.config import parse_config
+
+    argv = ["--data_dir", data_dir, "--model_dir", model_dir, "--overwrite", *flags]
+    load = common.loadavg()
+    cpu, start = time.process_time(), time.perf_counter()
+    result = task.train(parse_config(argv))
+    metrics = result.metrics
+    run = {
+        "command": shlex.join(["hubflow-train", *argv]),
+        "flags": flags,
+        "test_accuracy": metrics["test"]["accuracy"],
+        "test_loss": metrics["test"]["loss"],
+        "test_examples": metrics["test"]["examples"],
+        "eval_accuracy": metrics["eval"]["accuracy"],
+        "eval_loss": metrics["eval"]["loss"],
+        "train_seconds": metrics["train_seconds"],
+        "train_call_s": round(time.perf_counter() - start, 1),
+        "train_call_cpu_s": round(time.process_time() - cpu, 1),
+        "loadavg_before": load,
+    }
+    tuning = metrics.get("tuning")
+    if tuning:
+        run["tuning"] = {
+            key: tuning[key]
+            for key in ("chosen", "eval_loss", "seconds", "cpu_seconds", "train_examples")
+        }
+        run["tuning"]["candidates"] = [
+            {**c["params"], **{k: c[k] for k in ("eval_loss", "epochs", "seconds")}}
+            for c in tuning["candidates"]
+        ]
+    for key in ("subsample", "fine_tune"):
+        if key in metrics:
+            run[key] = metrics[key]
+    return run
+
+
+def tuning_runs(datasets: dict[str, dict], args, work_dir: str, results: dict) -> None:
+    """Part 4: tuned vs --no_tune, on all train examples and K per class over seeds."""
+    out = results.setdefault("tuning", {})
+    for name in ("hymenoptera", "cats-vs-dogs-2k"):
+        data_dir = datasets[name]["dir"]
+        models_dir = os.path.join(work_dir, "models", "tuning", name)
+        for mode, flags in (("tuned", []), ("no_tune", ["--no_tune"])):
+            key = f"{name} all {mode}"
+            out[key] = train_run(data_dir, os.path.join(models_dir, f"all_{mode}"), flags)
+            common.log(f"  {key}: {_run_line(out[key])}")
+            common.write_json(results["json"], results)
+            for seed in range(args.draws):
+                k_flags = [f"--examples_per_class={args.few_label_k}", f"--subsample_seed={seed}"]
+                key = f"{name} {args.few_label_k}/class seed {seed} {mode}"
+                model_dir = os.path.join(models_dir, f"k{args.few_label_k}_s{seed}_{mode}")
+                out[key] = train_run(data_dir, model_dir, [*flags, *k_flags])
+                common.log(f"  {key}: {_run_line(out[key])}")
+                common.write_json(results["json"], results)
+    if args.timing_k:
+        key = f"mnist-10k {args.timing_k}/class tuned (timing)"
+        model_dir = os.path.join(work_dir, "models", "tuning", "mnist_timing")
+        flags = [f"--examples_per_class={args.timing_k}"]
+        out[key] = train_run(datasets["mnist-10k"]["dir"], model_dir, flags)
+        common.log(f"  {key}: {_run_line(out[key])}")
+
+
+def fine_tune_runs(datasets: dict[str, dict], args, work_dir: str, results: dict) -> None:
+    """Part 5: --features image --fine_tune recipes on hymenoptera."""
+    out = results.setdefault("fine_tune", {})
+    data_dir = datasets["hymenoptera"]["dir"]
+    for i, extra in enumerate(args.fine_tune_run or [""]):
+        flags = ["--features=image", "--fine_tune", *shlex.split(extra)]
+        key = f"hymenoptera {' '.join(flags)}"
+        model_dir = os.path.join(work_dir, "models", "fine_tune", f"run{i}")
+        out[key] = train_run(data_dir, model_dir, flags)
+        common.log(f"  {key}: {_run_line(out[key])}")
+        common.write_json(results["json"], results)
+
+
+def _params(params: dict) -> str:
+    return ", ".join(
+        f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in params.items()
+    )
+
+
+def _run_line(run: dict) -> str:
+    line = (
+        f"test {run['test_accuracy']:.4f} (loss {run['test_loss']:.4f}), eval loss "
+        f"{run['eval_loss']:.4f}, train {run['train_seconds']:.1f} s"
+    )
+    if "tuning" in run:
+        t = run["tuning"]
+        line += f"; tuned {_params(t['chosen'])} in {t['seconds']:.1f} s"
+        line += f" ({t['cpu_seconds']:.1f} s CPU)"
+    if "fine_tune" in run:
+        f = run["fine_tune"]
+        tuned = f["fine_tune_eval_loss"]
+        line += f"; exported {f['exported_stage']} (head {f['head_eval_loss']:.4f}, fine-tuned "
+        line += "not finite)" if tuned is None else f"{tuned:.4f})"
+    return line
+
+
+def few_label_summary(tuning: dict, k: int) -> list[dict]:
+    """Mean and spread of test accuracy over the K-per-class draws, per dataset and mode."""
+    rows = []
+    for name in ("hymenoptera", "cats-vs-dogs-2k"):
+        for mode in ("no_tune", "tuned"):
+            prefix, suffix = f"{name} {k}/class seed ", f" {mode}"
+            accs = [
+                run["test_accuracy"]
+                for key, run in tuning.items()
+                if key.startswith(prefix) and key.endswith(suffix)
+            ]
+            if accs:
+                rows.append(
+                    {
+                        "dataset": name,
+                        "mode": mode,
+                        "draws": len(accs),
+                        "mean": float(sum(accs) / len(accs)),
+                        "min": min(accs),
+                        "max": max(accs),
+                        "std": float(statistics.pstdev(accs)),
+                    }
+                )
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
 # Report
 # ----------------------------------------------------------------------------------------------
 
@@ -513,6 +693,37 @@ def format_report(results: dict) -> str:
             "    call incl. evaluation and export"
             + ("; * = estimated" if any(r["epoch_time_source"] == "est" for r in scratch) else ""),
         ]
+    tuning = results.get("tuning")
+    if tuning:
+        lines += [
+            "",
+            "4. head tuning on Lite0 embeddings: task.train, default flags (tuned) vs --no_tune",
+            f"  {'run':<48} {'test acc':>8} {'test loss':>9} {'eval loss':>9} {'train s':>7} "
+            f"{'tune s':>6} {'tune CPU s':>10} {'load':>5}  chosen",
+        ]
+        for key, r in tuning.items():
+            t = r.get("tuning") or {}
+            lines.append(
+                f"  {key:<48} {r['test_accuracy']:8.4f} {r['test_loss']:9.4f} "
+                f"{r['eval_loss']:9.4f} {r['train_seconds']:7.1f} {_fmt(t.get('seconds'), '.1f', 6)} "
+                f"{_fmt(t.get('cpu_seconds'), '.1f', 10)} {r['loadavg_before']:5.2f}  "
+                f"{_params(t.get('chosen') or {})}"
+            )
+        for row in results.get("few_label", []):
+            lines.append(
+                f"  {row['dataset']}, {results['options']['few_label_k']}/class, {row['mode']}: "
+                f"mean {row['mean']:.4f} over {row['draws']} draws (min {row['min']:.4f}, max "
+                f"{row['max']:.4f}, std {row['std']:.4f})"
+            )
+        lines.append(
+            "  train s = tuning + the chosen head's training (metrics.json train_seconds); "
+            "tune s / CPU s = the candidates alone"
+        )
+    fine = results.get("fine_tune")
+    if fine:
+        lines += ["", "5. fine-tuning recipes on hymenoptera (--features image --fine_tune ...)"]
+        for key, r in fine.items():
+            lines.append(f"  {key}: {_run_line(r)}; whole call {r['train_call_s']:.0f} s")
     lines += [
         "",
         "CPU% = this process's (user + sys) / wall / CPUs; load = 1-minute load average before",
@@ -546,7 +757,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         choices=PARTS,
         default=[],
-        help="skip a part (repeatable): head (1), image (2), scratch (3)",
+        help="skip a part (repeatable): head (1), image (2), scratch (3), tuning (4), "
+        "fine_tune (5)",
     )
     parser.add_argument("--mnist_csv", default=os.path.join(SHARED_DATA, "mnist-10k", "labels.csv"))
     parser.add_argument(
@@ -566,6 +778,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--models",
         default="linear,dnn,cnn",
         help="from-scratch models for part 3 (comma-separated)",
+    )
+    parser.add_argument(
+        "--few_label_k", type=int, default=10, help="part 4: --examples_per_class of the draws"
+    )
+    parser.add_argument("--draws", type=int, default=5, help="part 4: subsample seeds 0..N-1")
+    parser.add_argument(
+        "--timing_k",
+        type=int,
+        default=300,
+        help="part 4: MNIST digits per class of the tuning-time run (0 skips it)",
+    )
+    parser.add_argument(
+        "--fine_tune_run",
+        action="append",
+        default=None,
+        help='part 5: extra trainer flags of one fine-tuning run, e.g. "--fine_tune_layers=20" '
+        "(repeatable; default: one run with the trainer's defaults)",
     )
     common.add_job_flag(parser, "the preprocessing job")
     parser.add_argument(
@@ -595,7 +824,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "datasets": {},
     }
     try:
-        common.log("[0/3] datasets")
+        common.log("[0/5] datasets")
         need_mnist = "scratch" not in skip or ("head" not in skip and not args.data_dir)
         if need_mnist:
             results["datasets"]["mnist"] = build_mnist(args, work_dir)
@@ -604,7 +833,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         common.write_json(results["json"], results)
 
         if "head" not in skip:
-            common.log("[1/3] head training throughput on embeddings")
+            common.log("[1/5] head training throughput on embeddings")
             results["head"] = {}
             data_dir = args.data_dir or results["datasets"]["mnist"]["dir"]
             name = os.path.basename(os.path.normpath(data_dir))
@@ -617,7 +846,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             common.write_json(results["json"], results)
 
         if "image" not in skip:
-            common.log("[2/3] image-mode throughput")
+            common.log("[2/5] image-mode throughput")
             cd = results["datasets"]["catsdogs"]["dir"]
             results["image"] = image_throughput(cd, args.image_rounds)
             for key in ("plain", "augment"):
@@ -626,7 +855,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             common.write_json(results["json"], results)
 
         if "scratch" not in skip:
-            common.log("[3/3] time to accuracy, MNIST-10k from scratch")
+            common.log("[3/5] time to accuracy, MNIST-10k from scratch")
             results["scratch"] = []
             for model_name in models:
                 r = time_to_accuracy(results["datasets"]["mnist"]["dir"], model_name, work_dir)
@@ -637,6 +866,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"({r['reached_s']:.1f} s), train() {r['train_call_s']:.1f} s"
                 )
                 common.write_json(results["json"], results)
+
+        if "tuning" not in skip or "fine_tune" not in skip:
+            common.log("[4/5] head tuning on real photos (Lite0 embeddings)")
+            results["options"] = {"few_label_k": args.few_label_k, "draws": args.draws}
+            photos = build_photo_datasets(args, work_dir)
+            results["datasets"].update(photos)
+            if "tuning" not in skip:
+                tuning_runs(photos, args, work_dir, results)
+                results["few_label"] = few_label_summary(results["tuning"], args.few_label_k)
+            common.write_json(results["json"], results)
+            if "fine_tune" not in skip:
+                common.log("[5/5] fine-tuning recipes on hymenoptera")
+                fine_tune_runs(photos, args, work_dir, results)
     except BenchmarkError as e:
         return common.fail(results, e)
     common.write_json(results["json"], results)

@@ -5,8 +5,12 @@ checkpoints under ``checkpoints/<stage>/``; when it ends (all epochs, or early s
 best weights restored) its final weights and a ``state.json`` are saved, so rerunning the same
 command does not train again but evaluates and exports the same model, and a larger ``--epochs``
 continues training. ``config.json`` records the options a checkpoint was trained with and the
-identity of its data (:func:`training.data.fingerprint`); a rerun whose model-shaping options or
+identity of its data (:func:`training.data.fingerprint`); a rerun whose model-shaping options,
+training examples (``--examples_per_class``, ``--subsample_seed``), tuning (``--no_tune``) or
 data differ is refused before anything in the model dir changes.
+
+A tuned head (:mod:`training.tuning`) keeps its tuning record in ``checkpoints/stage1/`` next to
+the head stage it chose: a rerun reuses the choice and resumes that stage, as for any run.
 """
 
 from __future__ import annotations
@@ -21,13 +25,15 @@ import tf_keras
 
 from schemas.cli import UsageError
 from storage.fileops import join
-from training.config import TrainConfig
+from training.config import CLASSIFIER_ZSCORE, TrainConfig
 from training.data import Dataset
 from training.layout import CHECKPOINT_DIR, CONFIG_FILE, HISTORY_FILE, LOGS_DIR
+from training.models import CROSS_ENTROPY
 
 _LOGGER = logging.getLogger(__name__)
 DATA_FINGERPRINT = "data_fingerprint"
 STAGE_HEAD, STAGE_FINE_TUNE = "stage1", "stage2"
+EVAL_LOSS = f"val_{CROSS_ENTROPY}"  # the eval split's plain cross-entropy, as Keras logs it
 # Options that change the model's shape: a resumed run must match the checkpoint on these.
 ARCHITECTURE_KEYS = (
     "features",
@@ -38,7 +44,13 @@ ARCHITECTURE_KEYS = (
     "batch_norm",
     "fine_tune",
     "fine_tune_layers",
+    "classifier",
 )
+# What a config.json written before an option existed means by its absence.
+LEGACY_VALUES = {"classifier": CLASSIFIER_ZSCORE, "tune": False}
+# Options that choose the training examples: a resumed run must have drawn the same ones.
+TRAINING_SET_KEYS = ("examples_per_class", "subsample_seed")
+TUNING_FILE = "tuning.json"
 
 
 def read_json(path: str, default: Any) -> Any:
@@ -56,13 +68,17 @@ def write_json(path: str, value: Any) -> None:
 
 def run_record(config: TrainConfig, dataset: Dataset) -> dict[str, Any]:
     """What ``config.json`` records: the options, and the data (labels, backbone, counts, hash)."""
-    return {
+    record = {
         "train": config.to_json(),
         "labels": dataset.manifest.labels,
         "backbone": dataset.manifest.backbone.to_json(),
         "data_counts": dataset.counts,
         DATA_FINGERPRINT: dataset.fingerprint,
     }
+    subsample = dataset.subsample_record(config)
+    if subsample:
+        record["subsample"] = subsample
+    return record
 
 
 def check_model_dir(config: TrainConfig, dataset: Dataset) -> bool:
@@ -100,12 +116,24 @@ def check_model_dir(config: TrainConfig, dataset: Dataset) -> bool:
             f"--model_dir: {path} is not a hubflow-train config ({e}); {fresh}"
         ) from None
     current = config.to_json()
+    for key, value in LEGACY_VALUES.items():
+        previous.setdefault(key, value)
     changed = [k for k in ARCHITECTURE_KEYS if previous.get(k) != current.get(k)]
     if changed:
         raise UsageError(
             f"--model_dir {model_dir} holds a model trained with other "
             f"{', '.join('--' + k for k in changed)}; {fresh}"
         )
+    changed = [k for k in TRAINING_SET_KEYS if previous.get(k) != current.get(k)]
+    if changed:
+        raise UsageError(
+            f"--model_dir {model_dir} holds a model trained on other train examples "
+            f"({', '.join(f'--{k} {previous.get(k)}' for k in changed)}); {fresh}"
+        )
+    if bool(previous["tune"]) != config.tune:
+        was = "a head tuned on eval" if previous["tune"] else "a model trained without tuning"
+        resume = "drop --no_tune" if previous["tune"] else "add --no_tune"
+        raise UsageError(f"--model_dir {model_dir} holds {was}; {resume} to resume it, or {fresh}")
     difference = _data_difference(record, run_record(config, dataset))
     if difference:
         raise UsageError(
@@ -158,6 +186,22 @@ def has_checkpoint(model_dir: str, stage: str) -> bool:
     return latest_checkpoint(stage_dir(model_dir, stage))[0] is not None
 
 
+def read_tuning(model_dir: str) -> dict | None:
+    """The tuning record of the head stage in ``model_dir``, None when there is none (or a run
+    was killed while writing it: the head is then tuned again)."""
+    try:
+        return read_json(join(stage_dir(model_dir, STAGE_HEAD), TUNING_FILE), None)
+    except ValueError:
+        return None
+
+
+def write_tuning(model_dir: str, record: dict) -> None:
+    """Records the head's tuning before the chosen head stage trains (and checkpoints)."""
+    directory = stage_dir(model_dir, STAGE_HEAD)
+    tf.io.gfile.makedirs(directory)
+    write_json(join(directory, TUNING_FILE), record)
+
+
 def _keep_epochs(history: dict, stage: str, epochs: int) -> None:
     """Drops the epochs of ``stage`` beyond its first ``epochs`` from ``history`` (in place)."""
     stages = history.get("stage", [])
@@ -171,6 +215,14 @@ def _keep_epochs(history: dict, stage: str, epochs: int) -> None:
     if len(keep) < len(stages):
         for key, values in history.items():
             history[key] = [values[i] for i in keep if i < len(values)]
+
+
+def early_stopping(patience: int) -> tf_keras.callbacks.EarlyStopping:
+    """Stops on the eval loss (cross-entropy alone: no label smoothing, no L2 term, so runs with
+    other settings compare), restoring the best epoch's weights."""
+    return tf_keras.callbacks.EarlyStopping(
+        monitor=EVAL_LOSS, patience=patience, restore_best_weights=True
+    )
 
 
 def fit_stage(model, config, train_ds, eval_ds, *, stage: str, epochs: int, class_weight, history):
@@ -192,9 +244,7 @@ def fit_stage(model, config, train_ds, eval_ds, *, stage: str, epochs: int, clas
         model.load_weights(latest)
         _LOGGER.info("resuming %s from %s (epoch %d)", stage, latest, initial_epoch)
     _keep_epochs(history, stage, initial_epoch)  # a killed run may have logged one more
-    stopper = tf_keras.callbacks.EarlyStopping(
-        monitor="val_loss", patience=config.patience, restore_best_weights=True
-    )
+    stopper = early_stopping(config.patience)
     history_path = join(config.model_dir, HISTORY_FILE)
 
     def log_epoch(epoch, logs):  # before the checkpoint: a resume never loses an epoch

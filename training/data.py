@@ -20,7 +20,8 @@ from backbones.inputs import decode_image, image_to_backbone_input
 from schemas import csv_format, features
 from schemas import manifest as manifest_lib
 from schemas.cli import UsageError
-from training.config import TrainConfig
+from training import sampling
+from training.config import FEATURES_EMBEDDING, TrainConfig
 
 _LOGGER = logging.getLogger(__name__)
 AUTOTUNE = tf.data.AUTOTUNE
@@ -32,6 +33,9 @@ class Dataset:
 
     ``fingerprint`` names its content (:func:`fingerprint`); ``normalization`` is the embedding's
     mean and standard deviation (:func:`embedding_normalization`), None for from-scratch nets.
+    ``train_indices`` are the train records trained on with ``--examples_per_class`` (positions
+    in the train split read in file order, :func:`read_labels`), None for all of them;
+    ``train_labels`` are their label counts. ``counts`` always describe the data dir.
     """
 
     manifest: manifest_lib.Manifest
@@ -39,6 +43,30 @@ class Dataset:
     counts: dict[str, int]
     fingerprint: str = ""
     normalization: tuple[np.ndarray, np.ndarray] | None = None
+    train_indices: np.ndarray | None = None
+    train_labels: dict[str, int] | None = None
+
+    def examples(self, split: str) -> int:
+        """How many examples of ``split`` the run uses (the draw, for train with K per class)."""
+        if split == csv_format.TRAIN and self.train_indices is not None:
+            return len(self.train_indices)
+        return self.counts[split]
+
+    def indices(self, split: str) -> np.ndarray | None:
+        """The records of ``split`` the run uses, None for all."""
+        return self.train_indices if split == csv_format.TRAIN else None
+
+    def subsample_record(self, config: TrainConfig) -> dict | None:
+        """What ``config.json`` and ``metrics.json`` record of ``--examples_per_class``."""
+        if self.train_indices is None:
+            return None
+        return {
+            "examples_per_class": config.examples_per_class,
+            "subsample_seed": config.subsample_seed,
+            "train_examples": len(self.train_indices),
+            "train_labels": self.train_labels,
+            "train_split_examples": self.counts[csv_format.TRAIN],
+        }
 
 
 def load(config: TrainConfig) -> Dataset:
@@ -69,7 +97,51 @@ def load(config: TrainConfig) -> Dataset:
     normalization = None
     if not config.from_scratch:
         normalization = _normalization(config.data_dir, manifest.backbone.embedding_dim)
-    return Dataset(manifest, files, counts, fingerprint(manifest, files), normalization)
+    dataset = Dataset(manifest, files, counts, fingerprint(manifest, files), normalization)
+    if config.examples_per_class is not None:
+        _draw_train_examples(config, dataset)
+    return dataset
+
+
+def _draw_train_examples(config: TrainConfig, dataset: Dataset) -> None:
+    """Sets ``dataset.train_indices``: ``--examples_per_class`` K per class, drawn with
+    ``--subsample_seed`` by :func:`training.sampling.per_class_indices`.
+
+    Raises:
+      UsageError: a class has fewer than K train examples (naming the class).
+    """
+    k, labels = config.examples_per_class, dataset.manifest.labels
+    train_labels = read_labels(dataset.files[csv_format.TRAIN])
+    counts = np.bincount(train_labels, minlength=len(labels))
+    for index, label in enumerate(labels):
+        if counts[index] < k:
+            raise UsageError(
+                f"--examples_per_class {k}: class {label!r} has {counts[index]} train examples"
+            )
+    dataset.train_indices = sampling.per_class_indices(train_labels, k, config.subsample_seed)
+    drawn = np.bincount(train_labels[dataset.train_indices], minlength=len(labels))
+    dataset.train_labels = {label: int(n) for label, n in zip(labels, drawn, strict=True)}
+    _LOGGER.info(
+        "--examples_per_class %d --subsample_seed %d: training on %d of %d train examples",
+        k,
+        config.subsample_seed,
+        len(dataset.train_indices),
+        len(train_labels),
+    )
+
+
+def read_labels(files: list[str]) -> np.ndarray:
+    """The label index of every record of ``files``, in file order (shard after shard).
+
+    ``--examples_per_class`` draws its positions from this order: any reader that reads a
+    split's shards one after the other in sorted order (as :func:`split_files` lists them, and
+    ``schemas.features.read_dataset`` reads them) finds the same records at the same positions.
+    """
+    spec = {features.LABEL: features.feature_spec(1)[features.LABEL]}
+    records = tf.data.TFRecordDataset(files, compression_type=features.TFRECORD_COMPRESSION)
+    labels = records.map(lambda r: tf.io.parse_single_example(r, spec)[features.LABEL])
+    chunks = list(labels.batch(4096).as_numpy_iterator())
+    return np.concatenate(chunks).astype(np.int64) if chunks else np.zeros(0, np.int64)
 
 
 def _one_line(error: BaseException) -> str:
@@ -225,6 +297,58 @@ def decode_batch(preprocess: Callable, shape: tuple[int, int, int]) -> Callable:
 CACHE_LIMIT_BYTES = 2 << 30
 
 
+def _records(files: list[str], indices: np.ndarray | None) -> tf.data.Dataset:
+    """The serialized records of ``files``; only those at ``indices`` (file order) if given."""
+    if indices is None:
+        return tf.data.TFRecordDataset(
+            files, compression_type=features.TFRECORD_COMPRESSION, num_parallel_reads=AUTOTUNE
+        )
+    records = tf.data.TFRecordDataset(files, compression_type=features.TFRECORD_COMPRESSION)
+    keep = np.zeros(int(np.max(indices)) + 2 if len(indices) else 1, bool)
+    keep[indices] = True  # the last entry stays False: it stands for every later position
+    keep = tf.constant(keep)
+    last = tf.size(keep, out_type=tf.int64) - 1
+    records = records.enumerate().filter(lambda i, _: tf.gather(keep, tf.minimum(i, last)))
+    return records.map(lambda _, record: record)
+
+
+def _parser(manifest: manifest_lib.Manifest, config: TrainConfig) -> tuple[Callable, int]:
+    """``record -> (features, label)`` for the model, and the bytes of one parsed example."""
+    spec = features.feature_spec(manifest.backbone.embedding_dim)
+    key = features.IMAGE_ENCODED if config.uses_images else features.EMBEDDING
+    wanted = {key: spec[key], features.LABEL: spec[features.LABEL]}
+    if config.uses_images:
+        preprocess, shape = image_preprocessor(config, manifest)
+
+        def parse_image(record):
+            parsed = tf.io.parse_single_example(record, wanted)
+            return preprocess(parsed[key]), parsed[features.LABEL]
+
+        return parse_image, 4 * shape[0] * shape[1] * shape[2]
+
+    def parse_embedding(record):
+        parsed = tf.io.parse_single_example(record, wanted)
+        return parsed[key], parsed[features.LABEL]
+
+    return parse_embedding, 4 * manifest.backbone.embedding_dim
+
+
+def batches(
+    dataset: tf.data.Dataset, config: TrainConfig, *, training: bool, num_examples: int
+) -> tf.data.Dataset:
+    """Shuffles (train) and batches parsed, in-memory ``(features, label)`` examples.
+
+    The tail of :func:`make_dataset` for cached examples; the head tuner
+    (:mod:`training.tuning`) feeds its in-memory arrays through it too, so a candidate sees
+    the batches the trainer's own head stage sees with the same seed.
+    """
+    if training:
+        dataset = dataset.shuffle(
+            min(num_examples, 100_000), seed=config.seed, reshuffle_each_iteration=True
+        )
+    return dataset.batch(config.batch_size)
+
+
 def make_dataset(
     files: list[str],
     manifest: manifest_lib.Manifest,
@@ -233,54 +357,59 @@ def make_dataset(
     training: bool,
     augmenter: Callable[[tf.Tensor], tf.Tensor] | None = None,
     num_examples: int | None = None,
+    indices: np.ndarray | None = None,
 ) -> tf.data.Dataset:
     """``(features, label)`` batches of one split.
 
     Features are the raw stored embedding (the model normalises it) or the preprocessed image.
     Shuffling and augmentation happen only when ``training``. Parsed (and, for images,
     decoded and resized) examples are cached in memory when ``num_examples`` says they fit in
-    :data:`CACHE_LIMIT_BYTES`; backbone-sized images are not cached.
+    :data:`CACHE_LIMIT_BYTES`; backbone-sized images are not cached. With ``indices`` only the
+    records at those positions (file order) are used, e.g. ``--examples_per_class``.
     """
-    spec = features.feature_spec(manifest.backbone.embedding_dim)
-    key = features.IMAGE_ENCODED if config.uses_images else features.EMBEDDING
-    wanted = {key: spec[key], features.LABEL: spec[features.LABEL]}
-    dataset = tf.data.TFRecordDataset(
-        files, compression_type=features.TFRECORD_COMPRESSION, num_parallel_reads=AUTOTUNE
-    )
-    if config.uses_images:
-        preprocess, shape = image_preprocessor(config, manifest)
-        example_bytes = 4 * shape[0] * shape[1] * shape[2]
-
-        def parse(record):
-            parsed = tf.io.parse_single_example(record, wanted)
-            return preprocess(parsed[key]), parsed[features.LABEL]
-
-    else:
-        example_bytes = 4 * manifest.backbone.embedding_dim
-
-        def parse(record):
-            parsed = tf.io.parse_single_example(record, wanted)
-            return parsed[key], parsed[features.LABEL]
-
+    parse, example_bytes = _parser(manifest, config)
+    dataset = _records(files, indices)
     cache = num_examples is not None and num_examples * example_bytes <= CACHE_LIMIT_BYTES
     if training and not cache:
         dataset = dataset.shuffle(10_000, seed=config.seed, reshuffle_each_iteration=True)
     dataset = dataset.map(parse, num_parallel_calls=AUTOTUNE, deterministic=not training or cache)
     if cache:
-        dataset = dataset.cache()
-        if training:
-            dataset = dataset.shuffle(
-                min(num_examples, 100_000), seed=config.seed, reshuffle_each_iteration=True
-            )
-    dataset = dataset.batch(config.batch_size)
+        # The count is known (counted at load): Keras then iterates epochs as it does over the
+        # in-memory arrays of training.tuning, so both see the same batches, epoch after epoch.
+        cached = dataset.cache().apply(tf.data.experimental.assert_cardinality(num_examples))
+        dataset = batches(cached, config, training=training, num_examples=num_examples)
+    else:
+        dataset = dataset.batch(config.batch_size)
     if training and augmenter is not None:
         dataset = dataset.map(lambda x, y: (augmenter(x), y), num_parallel_calls=AUTOTUNE)
     return dataset.prefetch(AUTOTUNE)
 
 
-def class_weights(manifest: manifest_lib.Manifest) -> dict[int, float]:
-    """``balanced`` weights from the train split's label counts: n / (C * n_c)."""
-    counts = manifest.splits[csv_format.TRAIN]["labels"]
+def embedding_arrays(
+    config: TrainConfig, data: Dataset, split: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """The stored embeddings ``[N, D]`` and labels ``[N]`` of ``split``, in memory.
+
+    In the order :func:`make_dataset` caches them before shuffling, and only the records the
+    run uses (:meth:`Dataset.indices`).
+    """
+    parse, _ = _parser(data.manifest, dataclasses.replace(config, features=FEATURES_EMBEDDING))
+    dataset = _records(data.files[split], data.indices(split))
+    dataset = dataset.map(parse, num_parallel_calls=AUTOTUNE, deterministic=True).batch(1024)
+    xs, ys = [], []
+    for x, y in dataset.as_numpy_iterator():
+        xs.append(x)
+        ys.append(y)
+    dim = data.manifest.backbone.embedding_dim
+    if not xs:
+        return np.zeros([0, dim], np.float32), np.zeros([0], np.int64)
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def class_weights(data: Dataset) -> dict[int, float]:
+    """``balanced`` weights from the trained-on label counts: n / (C * n_c)."""
+    manifest = data.manifest
+    counts = data.train_labels or manifest.splits[csv_format.TRAIN]["labels"]
     total = sum(counts.values())
     present = [label for label in manifest.labels if counts.get(label, 0) > 0]
     weights = {}
@@ -301,7 +430,8 @@ def make_split_datasets(
             config,
             training=split == csv_format.TRAIN,
             augmenter=augmenter,
-            num_examples=data.counts[split],
+            num_examples=data.examples(split),
+            indices=data.indices(split),
         )
         for split in csv_format.SPLITS
     }

@@ -1,11 +1,12 @@
 """Entry point of the trainer: ``python -m training.task`` / ``hubflow-train``.
 
-Reads a preprocess output dir, trains (head on embeddings, head on images with optional
-augmentation and fine-tuning, or a small net from scratch), evaluates on eval and test, and
-exports a hermetic serving SavedModel. Rerunning the same command resumes from the last
-checkpoint in ``--model_dir`` (:mod:`training.checkpoints`) when it holds a model of the same
-data and architecture; ``--overwrite`` starts fresh, keeping the previous model until the new
-export is complete (:mod:`training.layout`).
+Reads a preprocess output dir, trains (head on embeddings, tuned on eval by default
+(:mod:`training.tuning`); head on images with optional augmentation and fine-tuning, exporting
+the fine-tuned model only when it beats the head stage on eval; or a small net from scratch),
+evaluates on eval and test, and exports a hermetic serving SavedModel. Rerunning the same
+command resumes from the last checkpoint in ``--model_dir`` (:mod:`training.checkpoints`) when
+it holds a model of the same data and architecture; ``--overwrite`` starts fresh, keeping the
+previous model until the new export is complete (:mod:`training.layout`).
 """
 
 from __future__ import annotations
@@ -28,14 +29,28 @@ from schemas import manifest as manifest_lib
 from schemas.cli import UsageError, configure_logging, report_usage_error
 from storage.fileops import join
 from storage.locks import DirLock
-from training import augment, checkpoints, cluster, data, export, layout, models, report, tflite
+from training import (
+    augment,
+    checkpoints,
+    cluster,
+    data,
+    export,
+    layout,
+    models,
+    report,
+    tflite,
+    tuning,
+)
 from training.checkpoints import STAGE_FINE_TUNE, STAGE_HEAD
-from training.config import PROG, TrainConfig, parse_config
+from training.config import CLASSIFIER_COSINE, PROG, TrainConfig, parse_config
 from training.layout import CONFUSION_PNG, CURVES_PNG, METRICS_FILE
 
 # Not __name__: under ``python -m training.task`` that is "__main__", outside the "training"
 # logger whose INFO level configure_logging enables.
 _LOGGER = logging.getLogger("training.task")
+STAGES_KEY = "fine_tune"  # metrics.json: which stage's weights were exported, and why
+SUBSAMPLE_KEY = "subsample"  # metrics.json: --examples_per_class, its seed and the draw
+EXPORTED_HEAD, EXPORTED_FINE_TUNE = "head", "fine_tune"
 
 
 @dataclasses.dataclass
@@ -79,18 +94,28 @@ def train(config: TrainConfig) -> TrainResult:
 
 def _train_and_export(config: TrainConfig, dataset: data.Dataset, resumed: bool) -> TrainResult:
     _write_run_record(config, dataset)
+    started = time.monotonic()
+    tuned = tuning.tune_head(config, dataset, resumed) if config.tune else None
+    if tuned:  # the head stage trains with the chosen settings, as the chosen candidate did
+        config = tuned.config
     tf_keras.utils.set_random_seed(config.seed)
     splits = data.make_split_datasets(config, dataset, augment.trainer_augmenter(config))
     history_path = join(config.model_dir, layout.HISTORY_FILE)
     history = checkpoints.read_json(history_path, {}) if resumed else {}
     strategy = choose_strategy()
-    started = time.monotonic()
     built = _build(config, dataset, strategy)
-    model = _fit(config, dataset, splits, built, strategy, history)
+    model, stages = _fit(config, dataset, splits, built, strategy, history)
     train_seconds = time.monotonic() - started
     checkpoints.write_json(history_path, history)
     reports = _evaluate(model, splits, dataset.manifest.labels)
     reports["train_seconds"] = round(train_seconds, 2)
+    if tuned:
+        reports[tuning.METRICS_KEY] = tuned.record
+    if stages:
+        reports[STAGES_KEY] = stages
+    subsample = dataset.subsample_record(config)
+    if subsample:
+        reports[SUBSAMPLE_KEY] = subsample
     _write_report(config.model_dir, reports, dataset.manifest.labels, history)
     serving_model = _serving_model(config, dataset.manifest, model, built.head)
     export_dir = _export(config, dataset.manifest, serving_model)
@@ -114,7 +139,7 @@ def _write_run_record(config: TrainConfig, dataset: data.Dataset) -> None:
 
 
 def _steps_per_epoch(config: TrainConfig, dataset: data.Dataset) -> int:
-    return math.ceil(dataset.counts[csv_format.TRAIN] / config.batch_size)
+    return math.ceil(dataset.examples(csv_format.TRAIN) / config.batch_size)
 
 
 def _build(config: TrainConfig, dataset: data.Dataset, strategy) -> _Models:
@@ -128,7 +153,11 @@ def _build(config: TrainConfig, dataset: data.Dataset, strategy) -> _Models:
         else:
             dim = manifest.backbone.embedding_dim
             mean, std = dataset.normalization
-            head = models.embedding_head(dim, num_classes, mean, std, config)
+            start = None
+            if config.classifier == CLASSIFIER_COSINE:  # the train embeddings' class means
+                train = data.embedding_arrays(config, dataset, csv_format.TRAIN)
+                start = models.start_kernel(config, *train, num_classes)
+            head = models.embedding_head(dim, num_classes, mean, std, config, start)
             model = models.image_classifier(manifest.backbone, head) if config.uses_images else head
             built = _Models(model, head)
         steps = _steps_per_epoch(config, dataset) * config.epochs
@@ -137,35 +166,69 @@ def _build(config: TrainConfig, dataset: data.Dataset, strategy) -> _Models:
     return built
 
 
-def _fit(config, dataset, splits, built: _Models, strategy, history: dict) -> tf_keras.Model:
-    """Runs the stages (head, then optionally fine-tuning); returns the final model."""
-    class_weight = (
-        data.class_weights(dataset.manifest) if config.class_weight == "balanced" else None
-    )
+def _fit(
+    config, dataset, splits, built: _Models, strategy, history: dict
+) -> tuple[tf_keras.Model, dict | None]:
+    """Runs the stages (head, then optionally fine-tuning).
+
+    Returns the model to evaluate and export and, with ``--fine_tune``, which stage's weights
+    that is: the fine-tuned model only when its eval loss is lower than the head stage's (so
+    fine-tuning never makes the exported model worse on eval), else the head stage's.
+    """
+    class_weight = data.class_weights(dataset) if config.class_weight == "balanced" else None
     train_ds, eval_ds = splits[csv_format.TRAIN], splits[csv_format.EVAL]
     fit = dict(class_weight=class_weight, history=history)
     model = built.model
-    if not (config.fine_tune and checkpoints.has_checkpoint(config.model_dir, STAGE_FINE_TUNE)):
-        checkpoints.fit_stage(
-            model, config, train_ds, eval_ds, stage=STAGE_HEAD, epochs=config.epochs, **fit
+    # A finished stage is not trained again, only loaded: a resumed fine-tuning run reloads the
+    # head stage's final weights here to compare against them.
+    checkpoints.fit_stage(
+        model, config, train_ds, eval_ds, stage=STAGE_HEAD, epochs=config.epochs, **fit
+    )
+    if not config.fine_tune:
+        return model, None
+    head_weights = built.head.get_weights()  # the fine-tuned model shares (and trains) the head
+    head_loss = _eval_loss(model, eval_ds)
+    with strategy.scope():
+        fine_tuned = models.fine_tune_model(dataset.manifest.backbone, built.head, config)
+        steps = _steps_per_epoch(config, dataset) * config.fine_tune_epochs
+        models.compile_model(
+            fine_tuned, config, len(dataset.manifest.labels), config.fine_tune_learning_rate, steps
         )
-    if config.fine_tune:
-        with strategy.scope():
-            model = models.fine_tune_model(dataset.manifest.backbone, built.head, config)
-            steps = _steps_per_epoch(config, dataset) * config.fine_tune_epochs
-            models.compile_model(
-                model, config, len(dataset.manifest.labels), config.fine_tune_learning_rate, steps
-            )
-        checkpoints.fit_stage(
-            model,
-            config,
-            train_ds,
-            eval_ds,
-            stage=STAGE_FINE_TUNE,
-            epochs=config.fine_tune_epochs,
-            **fit,
-        )
-    return model
+    checkpoints.fit_stage(
+        fine_tuned,
+        config,
+        train_ds,
+        eval_ds,
+        stage=STAGE_FINE_TUNE,
+        epochs=config.fine_tune_epochs,
+        **fit,
+    )
+    fine_tuned_loss = _eval_loss(fine_tuned, eval_ds)
+    stages = {
+        "head_eval_loss": head_loss,
+        # None when fine-tuning diverged (probabilities not finite): it is then never exported
+        "fine_tune_eval_loss": fine_tuned_loss if math.isfinite(fine_tuned_loss) else None,
+    }
+    if fine_tuned_loss < head_loss:
+        _LOGGER.info("exporting the fine-tuned model: %s", stages)
+        return fine_tuned, {"exported_stage": EXPORTED_FINE_TUNE, **stages}
+    _LOGGER.warning(
+        "fine-tuning did not lower the eval loss (%.4f, head stage %.4f): exporting the head "
+        "stage's weights",
+        fine_tuned_loss,
+        head_loss,
+    )
+    built.head.set_weights(head_weights)
+    return model, {"exported_stage": EXPORTED_HEAD, **stages}
+
+
+def _eval_loss(model, eval_ds) -> float:
+    """The eval split's cross-entropy, as ``metrics.json`` reports it (inf if not finite)."""
+    y_true, probabilities = predict(model, eval_ds)
+    if not np.all(np.isfinite(probabilities)):
+        return math.inf
+    labels = [str(i) for i in range(probabilities.shape[1])]
+    return float(metrics.classification_report(y_true, probabilities, labels)["loss"])
 
 
 def predict(model, dataset) -> tuple[np.ndarray, np.ndarray]:
@@ -215,6 +278,30 @@ def _export(config: TrainConfig, manifest, serving_model) -> str:
     return export.export(serving_model, manifest.labels, decode, config.model_dir, normalisation)
 
 
+def summary_lines(reports: dict) -> list[str]:
+    """What the run chose, for the printed summary: the tuned head, the exported stage, K."""
+    lines = []
+    subsample = reports.get(SUBSAMPLE_KEY)
+    if subsample:
+        lines.append(
+            f"trained on {subsample['train_examples']} of {subsample['train_split_examples']} "
+            f"train examples (--examples_per_class {subsample['examples_per_class']} "
+            f"--subsample_seed {subsample['subsample_seed']})"
+        )
+    record = reports.get(tuning.METRICS_KEY)
+    if record:
+        lines.append(f"head tuned on eval: {tuning.summary_line(record)}")
+    stages = reports.get(STAGES_KEY)
+    if stages:
+        tuned = stages["fine_tune_eval_loss"]
+        lines.append(
+            f"exported stage: {stages['exported_stage']} (eval loss: head stage "
+            f"{stages['head_eval_loss']:.4f}, fine-tuned "
+            f"{'not finite' if tuned is None else f'{tuned:.4f}'})"
+        )
+    return lines
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     configure_logging("training", "backbones")
     try:
@@ -225,6 +312,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as e:
         return report_usage_error(PROG, e)
     test = result.metrics[csv_format.TEST]
+    for line in summary_lines(result.metrics):
+        print(line)
     print(f"test accuracy: {test['accuracy']:.4f} ({test['examples']} examples)")
     print(metrics.format_report_table(test))
     print(f"export: {result.export_dir}")
