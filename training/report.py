@@ -159,11 +159,14 @@ def model_card(config: TrainConfig, dataset: data.Dataset, reports: Mapping[str,
     manifest = dataset.manifest
     labels = manifest.labels
     test = reports.get(csv_format.TEST) or {}
-    train_counts = manifest.splits.get(csv_format.TRAIN, {}).get("labels", {})
+    # With --examples_per_class the model saw the draw, not the whole train split.
+    train_counts = dataset.train_labels or manifest.splits.get(csv_format.TRAIN, {}).get(
+        "labels", {}
+    )
     counts = [int(train_counts.get(label, 0)) for label in labels]
     n_test, n_eval = dataset.counts[csv_format.TEST], dataset.counts[csv_format.EVAL]
     limitations = [
-        f"Trained on {dataset.counts[csv_format.TRAIN]:,} labeled images, "
+        f"Trained on {dataset.examples(csv_format.TRAIN):,} labeled images, "
         + (f"{min(counts)} to {max(counts)}" if min(counts) < max(counts) else f"{max(counts)}")
         + " per label."
     ]
