@@ -21,12 +21,13 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.runners.runner import PipelineResult
 
-from pipeline import files, images, prediction_report, remote, scoring
+from pipeline import files, images, inference, prediction_report, remote, scoring
 from pipeline.cli import JobIncomplete, check_beam_flags, is_dry_run, run_staged
 from pipeline.options import StagedJob, add_output_flags, check_inputs_outside
 from pipeline.records import ERRORS, SOURCE_CSV, SOURCE_PATTERN, error_to_json
 from schemas import manifest as manifest_lib
 from schemas import serving
+from schemas.backbones import RUNTIME_TENSORFLOW
 from schemas.cli import Parser, UsageError, configure_logging, positive_int, report_usage_error
 from storage import staging
 from storage.locks import DirLock
@@ -54,6 +55,7 @@ class PredictConfig:
     csv_output: bool
     overwrite: bool
     break_lock: bool
+    precision: str = manifest_lib.PRECISION_FLOAT32  # what the export computes in
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive_int("--max_file_bytes"),
         default=images.DEFAULT_MAX_FILE_BYTES,
     )
+    p.add_argument(
+        "--precision",
+        choices=manifest_lib.PRECISIONS,
+        default=manifest_lib.PRECISION_FLOAT32,
+        help="bfloat16: run the export with oneDNN bfloat16 auto-mixed precision (CPUs with "
+        "avx512_bf16 or amx_bf16; scores move by up to ~0.05, see the README)",
+    )
     add_output_flags(p, "predictions")
     return p
 
@@ -155,6 +164,7 @@ def parse_config(argv: Sequence[str] | None = None) -> tuple[PredictConfig, list
         csv_output=args.format == "csv",
         overwrite=args.overwrite,
         break_lock=args.break_lock,
+        precision=args.precision,
     )
     return config, beam_args
 
@@ -175,6 +185,10 @@ def resolve(
             f"--model: a dry run reads the export's labels offline; {config.model} needs the "
             "network (give a local copy)"
         )
+    # The export runs in TensorFlow (its serving signature), never TFLite.
+    reason = inference.check_precision(config.precision, RUNTIME_TENSORFLOW, beam_args)
+    if reason:
+        raise UsageError(reason)
     model_dir = resolve_model_dir(config.model)
     for required in (serving.LABELS_ASSET, VARIABLES_INDEX):
         if not FileSystems.exists(FileSystems.join(model_dir, required)):
@@ -267,7 +281,7 @@ def build_pipeline(p: beam.Pipeline, job: PredictJob) -> None:
     )
     handler = KeyedModelHandler(
         scoring.ServingSignatureModelHandler(
-            job.worker_model_dir or job.model_dir, config.batch_size
+            job.worker_model_dir or job.model_dir, config.batch_size, config.precision
         )
     )
     scored = (
@@ -325,7 +339,7 @@ def build_pipeline(p: beam.Pipeline, job: PredictJob) -> None:
         count
         | "WriteSummary"
         >> beam.ParDo(
-            prediction_report.WriteSummaryFn(out, job.labels, job.model_dir),
+            prediction_report.WriteSummaryFn(out, job.labels, job.model_dir, config.precision),
             errors_by_reason=beam.pvalue.AsSingleton(by_reason),
             pairs=beam.pvalue.AsSingleton(pairs),
             written_files=beam.pvalue.AsList(done),

@@ -85,14 +85,16 @@ def summarize(
 class WriteSummaryFn(beam.DoFn):
     """Writes ``summary.json`` (and ``metrics.json`` + the confusion PNG for labeled input)."""
 
-    def __init__(self, output_dir: str, labels: list[str], model_dir: str):
+    def __init__(self, output_dir: str, labels: list[str], model_dir: str, precision: str):
         self._output_dir = output_dir
         self._labels = labels
         self._model_dir = model_dir
+        self._precision = precision
 
     def process(self, predictions_count, errors_by_reason, pairs, written_files):
         summary = summarize(predictions_count, dict(errors_by_reason), pairs, self._labels)
         summary["model"] = self._model_dir
+        summary["precision"] = self._precision
         metrics = summary.get("metrics")
         if metrics:
             _write(self._output_dir, METRICS_FILE, json.dumps(metrics, indent=2).encode())

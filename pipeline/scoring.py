@@ -15,9 +15,10 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
-from pipeline import csv_rows, files, images
+from pipeline import csv_rows, files, images, inference
 from pipeline.records import SOURCE_CSV, Row, counter, reject
 from schemas import errors, serving
+from schemas import manifest as manifest_lib
 from schemas.errors import ErrorRecord, exception_reason
 
 PREDICTIONS_CSV_HEADER = "uri,label,score,top_k,true_label"
@@ -41,12 +42,22 @@ class ServingSignatureModelHandler(ModelHandler[bytes, PredictionResult, _Loaded
     model cannot decode does not take its batch-mates down with it.
     """
 
-    def __init__(self, model_dir: str, max_batch_size: int = 32):
+    def __init__(
+        self,
+        model_dir: str,
+        max_batch_size: int = 32,
+        precision: str = manifest_lib.PRECISION_FLOAT32,
+    ):
         super().__init__()
         self._model_dir = model_dir
         self._max_batch_size = max_batch_size
+        self._precision = precision
 
     def load_model(self) -> _LoadedModel:
+        if self._precision == manifest_lib.PRECISION_BFLOAT16:
+            # Before loading: grappler rewrites the signature's graph when it first runs, and
+            # the option is process-wide (a worker process runs one job's model).
+            inference.enable_bfloat16()
         return _LoadedModel(self._model_dir)
 
     def _call(self, model: _LoadedModel, batch: Sequence[bytes]) -> list[dict[str, Any]]:

@@ -7,13 +7,15 @@ import io
 import json
 import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
 from PIL import Image
 
-from pipeline import images, predict, prediction_report, preprocess, scoring
+from pipeline import images, inference, predict, prediction_report, preprocess, scoring
 from tests.conftest import CLASS_COLOURS, photo, write_dataset
 from training import task
 from training.config import parse_config
@@ -351,3 +353,48 @@ def test_dataflow_dry_run_of_predict_builds_offline_with_gs_paths(
     argv[0] = "--model=gs://my-bucket/model"  # cannot be read offline
     assert predict.main(argv) == 2
     assert capsys.readouterr().err.startswith("hubflow-predict: error: --model: a dry run reads")
+
+
+def test_bfloat16_is_refused_in_one_line_where_the_cpu_lacks_it(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(inference, "cpu_supports_bfloat16", lambda: False)
+    argv = [
+        f"--model={tmp_path}",
+        f"--input_pattern={tmp_path}/*.jpg",
+        f"--output_dir={tmp_path}/o",
+        "--precision=bfloat16",
+    ]
+    assert predict.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("hubflow-predict: error: --precision bfloat16: ")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.skipif(
+    not inference.cpu_supports_bfloat16(), reason="this CPU has neither avx512_bf16 nor amx_bf16"
+)
+def test_bfloat16_predictions_run_in_bfloat16_and_keep_the_float32_labels(trained, tmp_path):
+    root, files, model_dir = trained
+    argv = [f"--model={model_dir}/export/1", f"--input_pattern={root}/*/*.jpg"]
+    predict.run([*argv, f"--output_dir={tmp_path}/f32"])
+    # The oneDNN option is process-wide, so bfloat16 runs in the CLI in a child process.
+    subprocess.run(
+        [sys.executable, "-m", "pipeline.predict", *argv, f"--output_dir={tmp_path}/bf16"]
+        + ["--precision=bfloat16"],
+        check=True,
+        capture_output=True,
+    )
+    runs = {}
+    for name in ("f32", "bf16"):
+        summary = prediction_report.read_summary(str(tmp_path / name))
+        runs[name] = {p["uri"]: p for p in _lines(str(tmp_path / name / "predictions-*.jsonl"))}
+        assert summary["predictions"] == sum(len(v) for v in files.values())
+        assert summary["precision"] == {"f32": "float32", "bf16": "bfloat16"}[name]
+    f32, bf16 = runs["f32"], runs["bf16"]
+    assert f32.keys() == bf16.keys()
+    scores = np.array([[f32[u]["score"], bf16[u]["score"]] for u in f32])
+    assert not np.array_equal(scores[:, 0], scores[:, 1]), "identical: bfloat16 did not run"
+    assert np.abs(scores[:, 0] - scores[:, 1]).max() < 0.05
+    # A label can only flip where float32 itself was nearly undecided.
+    clear = [u for u in f32 if f32[u]["score"] >= 0.6]
+    assert len(clear) >= len(f32) // 2
+    assert all(f32[u]["label"] == bf16[u]["label"] for u in clear)
