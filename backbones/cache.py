@@ -6,7 +6,8 @@ to a temp dir and renames it into place, so a killed builder never exposes a hal
 Builds of one entry are serialised by an exclusive ``flock`` on ``<cache>/.<entry>.lock``: when
 two processes (or a Dataflow worker's SDK processes) need the entry at once, the first builds it
 and the others wait, then use it. Entries derived from a backbone (its TFLite conversion,
-:mod:`backbones.tflite_runtime`) are built and checked the same way (:func:`build_once`).
+:mod:`backbones.tflite_runtime`; the record of its probe, :func:`backbones.hub.describe`) are
+built and checked the same way (:func:`build_once`), keyed by the backbone's content digest.
 
 What is verified before an entry is loaded. After a successful build the entry is made
 read-only for group and others and its digest (:func:`entry_digest`: SHA-256 over every file's
@@ -135,13 +136,24 @@ def local_handle(handle: str) -> str:
     )
 
 
-def build_once(entry_name: str, build: Callable[[str], object], what: str, subdir: str = "") -> str:
+def build_once(
+    entry_name: str,
+    build: Callable[[str], object],
+    what: str,
+    subdir: str = "",
+    check: Callable[[str], str | None] | None = None,
+) -> str:
     """The cache entry ``<cache>[/<subdir>]/<entry_name>``, built on first use, verified on each.
 
     ``build(path)`` must write a temp dir beside ``path`` and rename it into place. Builds of one
     entry are serialised (see the module docstring); an entry that fails verification is deleted
-    and built again, with a warning. Derived entries (a backbone's TFLite conversion) use this
-    too, so they get the same ownership, permission and digest checks.
+    and built again, with a warning. Derived entries (a backbone's TFLite conversion, its probe
+    record) use this too, so they get the same ownership, permission and digest checks.
+
+    ``check(path)``, when given, reads a verified entry and says why it cannot be used (None if
+    it can): the digest only proves the files are the ones recorded, not that what was recorded
+    is readable by this version (an entry sealed by a buggy or older writer). Such an entry is
+    deleted and rebuilt like a corrupted one.
 
     Raises:
       UntrustedCacheError: as :func:`local_handle`.
@@ -159,6 +171,8 @@ def build_once(entry_name: str, build: Callable[[str], object], what: str, subdi
     path = os.path.join(root, entry_name)
     with _locked(path):
         reason = _verify(path)
+        if reason is None and check is not None:
+            reason = check(path)
         if reason is None:
             return path
         if os.path.lexists(path) or os.path.lexists(record_path(path)):
@@ -175,9 +189,39 @@ def build_once(entry_name: str, build: Callable[[str], object], what: str, subdi
             return path
         record(path)
         reason = _verify(path)
+        if reason is None and check is not None:
+            reason = check(path)
         if reason is not None:
             raise ValueError(f"--backbone: the {what} just built in {path}: {reason}")
     return path
+
+
+def prune_orphans(folder: str, record_file: str) -> list[str]:
+    """Deletes the derived entries in ``folder`` made from local SavedModels that no longer exist
+    (a rebuilt or deleted model, a test's temp backbone); returns their paths. Run after a build.
+
+    Each entry names its source in ``<entry>/<record_file>``, a JSON object with
+    ``backbone.handle``; entries without a readable one are left alone.
+    """
+    pruned = []
+    for name in sorted(os.listdir(folder)):
+        entry = os.path.join(folder, name)
+        try:
+            with open(os.path.join(entry, record_file), encoding="utf-8") as f:
+                handle = json.load(f)["backbone"]["handle"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if "://" in handle or os.path.exists(handle):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(record_path(entry))  # no longer valid from here on
+        shutil.rmtree(entry, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(folder, f".{name}.lock"))
+        pruned.append(entry)
+    if pruned:
+        _LOGGER.info("removed %d cache entries of backbones that are gone", len(pruned))
+    return pruned
 
 
 # ---------------------------------------------------------------------------------------------

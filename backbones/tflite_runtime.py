@@ -18,8 +18,9 @@ TensorFlow. This module owns that path:
   cache (:func:`backbones.cache.build_once`: built once under a lock, sealed with a digest,
   verified on every use). Its name holds a key over the backbone's content digest, the input
   size, the batch size and the TensorFlow version, so a changed backbone (or TensorFlow) gets a
-  new conversion. A built-in's entries sit beside it in the cache dir; other backbones' in
-  ``<cache>/tflite/``.
+  new conversion. The parity result is in the entry's record: a job that finds the entry
+  neither converts nor checks again, and an entry whose record cannot be read is made again.
+  A built-in's entries sit beside it in the cache dir; other backbones' in ``<cache>/tflite/``.
 * **Choice.** :func:`resolve` turns ``--inference_runtime`` into the runtime a job uses.
 * **Interpreter.** :class:`TFLiteEmbedder` runs the model with one thread per core this process
   may use.
@@ -72,7 +73,6 @@ PROBE_IMAGES = 8  # images in the parity probe
 # thread (the job's image work) at 52-69 img/s against 27-38; the job's larger RunInference
 # batches run through it one image at a time. See the README's Performance section.
 MODEL_BATCH_SIZE = 1
-_CHUNK = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,23 +198,6 @@ def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.min(cosines))
 
 
-def content_digest(path: str) -> str:
-    """sha256 over a SavedModel folder's relative file paths and contents (local or gs://)."""
-    files = sorted(
-        posixpath.relpath(posixpath.join(root, name), path)
-        for root, _, names in tf.io.gfile.walk(path)
-        for name in names
-    )
-    digest = hashlib.sha256()
-    for rel in files:
-        digest.update(rel.encode() + b"\0")
-        with tf.io.gfile.GFile(posixpath.join(path, rel), "rb") as f:
-            while chunk := f.read(_CHUNK):
-                digest.update(chunk)
-        digest.update(b"\0")
-    return digest.hexdigest()
-
-
 def entry_location(spec: BackboneSpec, digest: str, batch_size: int) -> tuple[str, str]:
     """``(entry name, cache subdir)`` of a conversion: beside a built-in, else in ``tflite/``."""
     key = json.dumps(
@@ -226,21 +209,45 @@ def entry_location(spec: BackboneSpec, digest: str, batch_size: int) -> tuple[st
     return suffix, SUBDIR
 
 
-def converted(spec: BackboneSpec, batch_size: int) -> tuple[str, dict]:
+def converted(spec: BackboneSpec, batch_size: int, digest: str | None = None) -> tuple[str, dict]:
     """The cache entry of the backbone's conversion at ``batch_size``, made on first use.
+
+    The parity check runs when the entry is made; its result is part of the record, so a job
+    that finds the entry neither converts nor checks again. ``digest`` is the backbone's
+    :func:`~backbones.hub.content_digest` when the caller has it (computed here otherwise).
 
     Returns:
       The entry's path and its record: ``converted`` (bool), then ``error`` or ``min_cosine``,
       ``resize_partial``, ``model_sha256``; and ``convert_seconds``, versions, the key's parts.
     """
-    digest = content_digest(hub.model_dir(spec))
+    digest = digest or hub.content_digest(hub.model_dir(spec))
     name, subdir = entry_location(spec, digest, batch_size)
     what = f"TFLite conversion of {spec.name} (batch {batch_size})"
     path = cache.build_once(
-        name, lambda target: _build(spec, batch_size, digest, target), what, subdir
+        name,
+        lambda target: _build(spec, batch_size, digest, target),
+        what,
+        subdir,
+        lambda entry: _record_problem(entry, digest),
     )
     with open(os.path.join(path, RECORD_FILE), encoding="utf-8") as f:
         return path, json.load(f)
+
+
+def _record_problem(entry: str, digest: str) -> str | None:
+    """Why a verified conversion entry cannot be used (None if it can)."""
+    try:
+        with open(os.path.join(entry, RECORD_FILE), encoding="utf-8") as f:
+            record = json.load(f)
+        ok = record["backbone_sha256"] == digest and isinstance(record["converted"], bool)
+        if ok and record["converted"]:
+            cosine = record["min_cosine"]
+            ok = isinstance(cosine, (int, float)) and not isinstance(cosine, bool)
+            ok = ok and isinstance(record["resize_partial"], bool)
+            ok = ok and os.path.isfile(os.path.join(entry, MODEL_FILE))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"unreadable conversion record ({type(e).__name__})"
+    return None if ok else "the conversion record is incomplete or of other files"
 
 
 def resolve(
@@ -249,12 +256,14 @@ def resolve(
     *,
     gpu: bool = False,
     batch_size: int = MODEL_BATCH_SIZE,
+    digest: str | None = None,
 ) -> EmbeddingRuntime:
     """The runtime a job embeds with, for ``--inference_runtime`` ``requested``.
 
     ``tensorflow`` is TensorFlow. ``auto`` is TensorFlow on a GPU, else TFLite when the backbone
     converts and passes the parity check (one warning line and TensorFlow when it does not).
     ``tflite`` is TFLite or an error. ``batch_size`` is the TFLite model's; it runs any batch.
+    ``digest``: the backbone's content digest, when the caller has it (see :func:`converted`).
 
     Raises:
       ValueError: one line naming ``--inference_runtime``, for ``tflite`` on a backbone that
@@ -265,7 +274,7 @@ def resolve(
         return dataclasses.replace(TENSORFLOW, reason="--inference_runtime tensorflow")
     if requested == RUNTIME_AUTO and gpu:
         return dataclasses.replace(TENSORFLOW, reason="auto: the workers have a GPU")
-    path, record = converted(spec, batch_size)
+    path, record = converted(spec, batch_size, digest)
     if not record["converted"]:
         problem = f"does not convert to TFLite ({record['error']})"
     elif record["min_cosine"] < PARITY_MIN_COSINE:
@@ -342,7 +351,7 @@ def _build(spec: BackboneSpec, batch_size: int, digest: str, path: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if not is_builtin(spec.handle):
-        prune_orphans(parent)
+        cache.prune_orphans(parent, RECORD_FILE)
     _LOGGER.info(
         "TFLite conversion of %s (batch %d) in %.1f s: %s",
         spec.name,
@@ -350,30 +359,6 @@ def _build(spec: BackboneSpec, batch_size: int, digest: str, path: str) -> None:
         record["convert_seconds"],
         f"min cosine {record['min_cosine']:.7f}" if record["converted"] else record["error"],
     )
-
-
-def prune_orphans(folder: str) -> list[str]:
-    """Deletes the conversions in ``folder`` of local SavedModels that no longer exist (a
-    rebuilt or deleted model, a test's temp backbone); returns their paths. Run after a build."""
-    pruned = []
-    for name in sorted(os.listdir(folder)):
-        entry = os.path.join(folder, name)
-        try:
-            with open(os.path.join(entry, RECORD_FILE), encoding="utf-8") as f:
-                handle = json.load(f)["backbone"]["handle"]
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        if "://" in handle or os.path.exists(handle):
-            continue
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(cache.record_path(entry))  # no longer valid from here on
-        shutil.rmtree(entry, ignore_errors=True)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(folder, f".{name}.lock"))
-        pruned.append(entry)
-    if pruned:
-        _LOGGER.info("removed %d TFLite conversions of backbones that are gone", len(pruned))
-    return pruned
 
 
 def _convert(embed, trackable) -> bytes:

@@ -1,17 +1,20 @@
-"""tf.Transform analyses of the job: the label vocabulary and the embedding statistics.
+"""The job's dataset-wide analyses: the label vocabulary (Beam) and the embedding statistics
+(tf.Transform).
 
-Both feed tf.Transform Arrow record batches (its TFXIO input format) built directly, not instance
-dicts, which it would encode to tf.Examples and parse back one row at a time.
-
-* ``LabelVocabulary``: ``tft.vocabulary`` over the labels of the accepted labeled rows (after
-  duplicate and conflict resolution; unlabeled rows have none), re-ordered alphabetically —
-  tf.Transform orders vocabularies by frequency, Keras users expect
-  ``image_dataset_from_directory``'s alphabetical order. It runs on the small row records, so
-  label indices are known before any image is re-encoded.
+* ``LabelVocabulary``: the distinct labels of the accepted labeled rows (after duplicate and
+  conflict resolution; unlabeled rows have none), in alphabetical order, as Keras users expect
+  from ``image_dataset_from_directory``. It runs on the small row records, so label indices are
+  known before any image is re-encoded. It is Beam's ``Distinct`` and a sort, not
+  ``tft.vocabulary``: that orders by frequency (so it was re-sorted anyway), and its transform
+  graph was written to a scratch dir nobody read, while tracing it when the job was built and
+  running it before the first image could be embedded cost ~1 CPU s of every job's start-up
+  (``benchmarks/startup.py``).
 * ``AnalyzeAndWriteTransformFn``: per-dimension mean and variance of the embeddings of the
   labeled records, all labeled splits (``tft.scale_to_z_score(elementwise=True)``), written as
   ``transform_fn/`` and ``transformed_metadata/`` for training and the serving export to reuse.
-  Unlabeled images are left out, so adding some does not move a model's normalisation.
+  Unlabeled images are left out, so adding some does not move a model's normalisation. It feeds
+  tf.Transform Arrow record batches (its TFXIO input format) built directly, not instance dicts,
+  which it would encode to tf.Examples and parse back one row at a time.
 """
 
 from __future__ import annotations
@@ -21,22 +24,12 @@ from apache_beam.io.filesystems import FileSystems
 
 from schemas import features
 
-LABEL_VOCABULARY = "label_vocabulary"
 _TFT_TEMP_DIR = ".tft_tmp"
 
 
 def tft_temp_dir(output_dir: str) -> str:
     """Scratch space of tf.Transform inside the output dir (deleted after the run)."""
     return FileSystems.join(output_dir, _TFT_TEMP_DIR)
-
-
-def label_vocabulary_fn(inputs):
-    """tf.Transform: the vocabulary of label strings (computed over the whole dataset)."""
-    import tensorflow_transform as tft
-
-    labels = inputs[features.LABEL_TEXT]
-    tft.vocabulary(labels, vocab_filename=LABEL_VOCABULARY)
-    return {features.LABEL_TEXT: labels}
 
 
 def embedding_statistics_fn(inputs):
@@ -52,47 +45,22 @@ def _metadata(spec):
     return dataset_metadata.DatasetMetadata(schema_utils.schema_from_feature_spec(spec))
 
 
-def _sorted_vocabulary(transform_fn_dir: str, num_labels: int | None = None) -> list[str]:
-    """The alphabetical labels of tf.Transform's vocabulary file; [] when no label was seen.
-
-    tf.Transform writes a placeholder token (a fixed UUID) as the vocabulary of an empty input,
-    so an all-rejected dataset is recognised from ``num_labels`` (the count of labels analysed),
-    not from the file.
-    """
-    import tensorflow as tf
-
-    path = f"{transform_fn_dir.rstrip('/')}/assets/{LABEL_VOCABULARY}"
-    if num_labels == 0 or not tf.io.gfile.exists(path):  # no accepted row at all
-        return []
-    with tf.io.gfile.GFile(path, "rb") as f:
-        return sorted(line.decode("utf-8") for line in f.read().splitlines() if line)
-
-
 class LabelVocabulary(beam.PTransform):
-    """Label strings -> a singleton PCollection with the alphabetical label list."""
+    """Label strings -> a singleton PCollection with the alphabetical list of distinct labels
+    (``[]`` when there is none)."""
 
-    def __init__(self, temp_dir: str):
+    def __init__(self, temp_dir: str = ""):
+        # temp_dir: tf.Transform's scratch dir, which this no longer uses; accepted until the
+        # caller (pipeline.preprocess.build_pipeline) stops passing it.
         super().__init__()
-        self._temp_dir = temp_dir
+        del temp_dir
 
     def expand(self, labels):
-        import tensorflow as tf
-        import tensorflow_transform.beam as tft_beam
-
-        config = adapter_config({features.LABEL_TEXT: tf.io.FixedLenFeature([], tf.string)})
-        batches = (
+        return (
             labels
-            | "Batch" >> beam.BatchElements(min_batch_size=1000, max_batch_size=1000)
-            | "ToRecordBatch" >> beam.Map(labels_to_record_batch, config.arrow_schema)
-        )
-        with tft_beam.Context(temp_dir=self._temp_dir):
-            transform_fn = (batches, config) | "Vocabulary" >> tft_beam.AnalyzeDataset(
-                label_vocabulary_fn
-            )
-        saved_model_dir, _ = transform_fn
-        num_labels = labels | "CountLabels" >> beam.combiners.Count.Globally()
-        return saved_model_dir | "SortVocabulary" >> beam.Map(
-            _sorted_vocabulary, num_labels=beam.pvalue.AsSingleton(num_labels)
+            | "Distinct" >> beam.Distinct()
+            | "Collect" >> beam.combiners.ToList()
+            | "Sort" >> beam.Map(sorted)
         )
 
 
@@ -138,17 +106,6 @@ def adapter_config(spec: dict):
     return tfxio.TFExampleBeamRecord(
         physical_format="inmem", telemetry_descriptors=["hubflow"], schema=_metadata(spec).schema
     ).TensorAdapterConfig()
-
-
-def labels_to_record_batch(batch, arrow_schema):
-    """A list of label strings -> one Arrow record batch of ``arrow_schema`` (one value a row)."""
-    import numpy as np
-    import pyarrow as pa
-
-    values = pa.array([label.encode("utf-8") for label in batch], pa.large_binary())
-    offsets = pa.array(np.arange(len(batch) + 1, dtype=np.int64))
-    column = pa.LargeListArray.from_arrays(offsets, values)
-    return pa.RecordBatch.from_arrays([column], schema=arrow_schema)
 
 
 def embeddings_to_record_batch(batch, arrow_schema):

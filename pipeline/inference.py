@@ -168,9 +168,11 @@ def resolve_runtime(
     beam_args: Sequence[str] = (),
     dry_run: bool = False,
     precision: str = PRECISION_FLOAT32,
+    digest: str | None = None,
 ) -> tuple[EmbeddingRuntime, tuple[str, ...]]:
     """The runtime the job embeds with (:func:`backbones.tflite_runtime.resolve`), its TFLite
-    model staged for remote workers, and lines saying so (for a dry run's report).
+    model staged for remote workers, and lines saying so (for a dry run's report). ``digest``:
+    the backbone's content digest, when the caller has it.
 
     Raises:
       ValueError: one line naming ``--inference_runtime`` (``tflite`` on a backbone that does
@@ -185,7 +187,7 @@ def resolve_runtime(
         runtime = dataclasses.replace(tflite_runtime.TENSORFLOW, reason=reason, precision=precision)
         return runtime, (f"--inference_runtime {requested}: tensorflow ({reason})",)
     gpu = requested == RUNTIME_AUTO and workers_have_gpu(beam_args)
-    runtime = tflite_runtime.resolve(spec, requested, gpu=gpu)
+    runtime = tflite_runtime.resolve(spec, requested, gpu=gpu, digest=digest)
     notes = [f"--inference_runtime {requested}: {runtime.name} ({runtime.reason})"]
     if runtime.model_dir:
         staged, note = remote.for_workers(

@@ -276,7 +276,8 @@ def resolve_inputs(config: Config, dry_run: bool = False) -> Inputs:
 
 
 def resolve(config: Config, inputs: Inputs, beam_args: Sequence[str] = (), dry_run=False) -> Job:
-    """Finds an earlier run's dataset (not on a dry run), probes the backbone, picks the runtime
+    """Finds an earlier run's dataset (not on a dry run), sizes the backbone (recorded by an
+    earlier probe of the same files, else probed: :func:`hub.describe`), picks the runtime
     that embeds (``--inference_runtime``: a TFLite conversion is made once and cached, see
     :func:`inference.resolve_runtime`), digests the backbone's files, decides what
     ``--reuse_from`` gives (:func:`reuse.plan`) and, for a remote runner, stages a local or
@@ -303,12 +304,12 @@ def resolve(config: Config, inputs: Inputs, beam_args: Sequence[str] = (), dry_r
                 f"--backbone: a dry run loads the backbone offline to size the job; "
                 f"{spec.handle} needs the network (give a local copy or a built-in preset)"
             )
-        spec = hub.probe(spec)
+        # The sizes recorded by an earlier probe of the same files, else a probe (seconds).
+        spec, digest = hub.describe(spec)
         local = cache.local_handle(spec.handle)
         runtime, launch_notes = inference.resolve_runtime(
-            spec, config.inference_runtime, beam_args, dry_run, config.precision
+            spec, config.inference_runtime, beam_args, dry_run, config.precision, digest=digest
         )
-        digest = tflite_runtime.content_digest(hub.model_dir(spec))  # 40 ms for Lite0's 16 MB
     except ValueError as e:
         raise UsageError(str(e)) from e
     plan = None
