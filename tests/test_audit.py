@@ -12,6 +12,7 @@ import hashlib
 import html
 import io
 import json
+import logging
 import os
 import re
 import urllib.parse
@@ -66,7 +67,7 @@ class Builder:
     def sample(self, label) -> np.ndarray:
         return self.centres[label] + self.rng.normal(0.0, 1.0, DIM)
 
-    def write(self, path) -> str:
+    def write(self, path, backbone: str = "standin") -> str:
         path = str(path)
         os.makedirs(path, exist_ok=True)
         splits = manifest_lib.empty_splits(LABELS)
@@ -96,7 +97,7 @@ class Builder:
         n = len(self.records)
         manifest = manifest_lib.Manifest(
             labels=LABELS,
-            backbone=BackboneSpec("standin", "/models/standin", 32, DIM),
+            backbone=BackboneSpec(backbone, f"/models/{backbone}", 32, DIM),
             splits=splits,
             rows=manifest_lib.RowCounts(read=n + 2, written=n, rejected=2),
             rejected_by_reason={"undecodable": 2},
@@ -394,3 +395,29 @@ def test_rerun_replaces_only_the_audit_outputs(tmp_path, capsys):
     assert sorted(p for p in os.listdir(out) if not p.startswith(".")) == sorted(
         ["notes.txt", *second["files"].values(), audit.THUMBS_DIR, audit.AUDIT_JSON]
     )
+
+
+@pytest.mark.parametrize(
+    "backbone, flags, threshold, source",
+    [
+        ("efficientnet_lite2", [], 0.80, audit_duplicates.CALIBRATED),
+        ("my_own_model", [], audit_duplicates.DEFAULT_THRESHOLD, audit_duplicates.UNCALIBRATED),
+        ("efficientnet_lite0", ["--duplicate_threshold=0.99"], 0.99, "--duplicate_threshold"),
+    ],
+)
+def test_the_duplicate_threshold_follows_the_backbone_and_says_where_it_came_from(
+    tmp_path, caplog, backbone, flags, threshold, source
+):
+    builder, truth = planted(seed=3, unlabeled=False)
+    data_dir = builder.write(tmp_path / "data", backbone=backbone)
+    with caplog.at_level(logging.WARNING, logger="training.audit"):
+        result = run_audit(data_dir, str(tmp_path / "audit"), *flags)
+    section = result["near_duplicates"]
+    assert (section["threshold"], section["threshold_source"]) == (threshold, source)
+    warned = [r for r in caplog.records if "no threshold was calibrated" in r.getMessage()]
+    assert len(warned) == (source == audit_duplicates.UNCALIBRATED)
+    if warned:
+        assert backbone in warned[0].getMessage()
+    pairs = {frozenset((r["uri_a"], r["uri_b"])) for r in section["rows"]}
+    # the planted copy inside train (cosine ~1) is found at any of these thresholds
+    assert frozenset(truth["inside"]) in pairs

@@ -91,7 +91,7 @@ class AuditConfig:
     folds: int = audit_labels.DEFAULT_FOLDS
     draws: int = audit_curve.DEFAULT_DRAWS
     budget: int = audit_select.DEFAULT_BUDGET
-    duplicate_threshold: float = audit_duplicates.DEFAULT_THRESHOLD
+    duplicate_threshold: float | None = None  # None: calibrated for the data dir's backbone
     break_lock: bool = False
 
 
@@ -120,9 +120,11 @@ def build_parser() -> Parser:
     p.add_argument(
         "--duplicate_threshold",
         type=float,
-        default=audit_duplicates.DEFAULT_THRESHOLD,
+        default=None,
         help="cosine of z-scored embeddings from which two images are near-duplicates "
-        f"(default {audit_duplicates.DEFAULT_THRESHOLD}, calibrated for efficientnet_lite0)",
+        "(default: calibrated for the dataset's backbone, "
+        + ", ".join(f"{name} {t}" for name, t in audit_duplicates.CALIBRATED_THRESHOLDS.items())
+        + f"; {audit_duplicates.DEFAULT_THRESHOLD} for others, with a warning)",
     )
     p.add_argument("--seed", type=int, default=42, help="folds, draws (default 42)")
     p.add_argument(
@@ -158,7 +160,7 @@ def parse_config(argv: Sequence[str] | None = None) -> AuditConfig:
             raise UsageError(f"--{flag} is required")
     if args.folds < 2:
         raise UsageError(f"--folds must be at least 2, got {args.folds}")
-    if not 0.0 < args.duplicate_threshold <= 1.0:
+    if args.duplicate_threshold is not None and not 0.0 < args.duplicate_threshold <= 1.0:
         raise UsageError(f"--duplicate_threshold must be in (0, 1], got {args.duplicate_threshold}")
     if _same_or_inside(args.output_dir, args.data_dir):
         raise UsageError(
@@ -315,10 +317,24 @@ def _label_issues(config: AuditConfig, data: AuditData, rows: _Rows) -> dict:
 
 
 def _near_duplicates(config: AuditConfig, data: AuditData, rows: _Rows) -> dict:
-    pairs = audit_duplicates.find(rows.unit, config.duplicate_threshold)
+    backbone = data.manifest.backbone.name
+    if config.duplicate_threshold is not None:
+        threshold, source = config.duplicate_threshold, "--duplicate_threshold"
+    else:
+        threshold, source = audit_duplicates.threshold_for(backbone)
+        if source != audit_duplicates.CALIBRATED:
+            _LOGGER.warning(
+                "near-duplicates: no threshold was calibrated for %s embeddings; using %s "
+                "(efficientnet_lite0's), which may miss copies or pair different photos: pass "
+                "--duplicate_threshold",
+                backbone,
+                threshold,
+            )
+    pairs = audit_duplicates.find(rows.unit, threshold)
     order, leakage = audit_duplicates.ordered(pairs, data.splits, csv_format.SPLITS)
     return {
-        "threshold": config.duplicate_threshold,
+        "threshold": threshold,
+        "threshold_source": source,
         "pairs": len(order),
         "leakage": int(np.sum(leakage)),
         "rows": audit_report.duplicate_rows(data, pairs, order, leakage),
