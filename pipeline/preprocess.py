@@ -33,6 +33,7 @@ from pipeline import (
     reuse,
     sinks,
     transforms,
+    views,
 )
 from pipeline.cli import JobIncomplete, check_beam_flags, is_dry_run, run_staged
 from pipeline.options import StagedJob, add_output_flags, check_inputs_outside, recorded_options
@@ -143,6 +144,27 @@ def build_parser() -> argparse.ArgumentParser:
         "images stored there, made with the same backbone, runtime and image options, keep "
         "their stored JPEG and embedding; only the others are embedded",
     )
+    parser.add_argument(
+        views.FLAG,
+        type=views.view_count,
+        default=views.DEFAULT_TRAIN_VIEWS,
+        metavar="K",
+        help="also embed K augmented views (random resized crop, flip) of each train image, "
+        "stored with it for the trainer's head to sample from; eval and test keep the centre "
+        f"view (default {views.DEFAULT_TRAIN_VIEWS})",
+    )
+    parser.add_argument(
+        "--view_seed", type=int, default=0, help="with --train_views: the views' seed (default 0)"
+    )
+    for name in ("crop", "flip"):
+        parser.add_argument(
+            f"--view_{name}",
+            action=argparse.BooleanOptionalAction,
+            default=True,
+            help=f"with --train_views: random {name} in each view (default on)",
+        )
+    # Recorded in the manifest's options (not a flag): what a view is, for the trainer and reuse.
+    parser.set_defaults(view_recipe=manifest_lib.VIEW_RECIPE)
     add_output_flags(parser, "dataset")
     return parser
 
@@ -170,6 +192,7 @@ class Config:
     inference_runtime: str = RUNTIME_AUTO
     precision: str = manifest_lib.PRECISION_FLOAT32
     reuse_from: str | None = None
+    train_views: manifest_lib.TrainViews = manifest_lib.TrainViews()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,6 +242,13 @@ def parse_config(argv: Sequence[str] | None = None) -> tuple[Config, list[str]]:
         raise UsageError("--eval_fraction + --test_fraction must leave some data for training")
     if args.jpeg_quality > 100:
         raise UsageError(f"--jpeg_quality must be in 1..100, got {args.jpeg_quality}")
+    if args.view_seed < 0:
+        raise UsageError(f"--view_seed must be 0 or more, got {args.view_seed}")
+    if args.train_views and not (args.view_crop or args.view_flip):
+        raise UsageError(
+            f"{views.FLAG} {args.train_views}: with --no-view_crop and --no-view_flip every view "
+            "is the centre image; allow one of them or pass --train_views 0"
+        )
     config = Config(
         input_csvs=list(args.input_csv),
         image_dirs=list(args.image_dir),
@@ -238,6 +268,9 @@ def parse_config(argv: Sequence[str] | None = None) -> tuple[Config, list[str]]:
         inference_runtime=args.inference_runtime,
         precision=args.precision,
         reuse_from=files.absolute(args.reuse_from) if args.reuse_from else None,
+        train_views=manifest_lib.TrainViews(
+            args.train_views, args.view_seed, args.view_crop, args.view_flip
+        ),
         options=recorded_options(args, beam_args),
     )
     return config, beam_args
@@ -389,7 +422,9 @@ def build_pipeline(p: beam.Pipeline, job: Job) -> None:
             resolved["accepted"],
             known | "KnownRows" >> beam.Values(),
         ) | "Accepted" >> beam.Flatten()
-        read = known | "ReadStored" >> reuse.ReadStored(job.backbone.embedding_dim)
+        read = known | "ReadStored" >> reuse.ReadStored(
+            job.backbone.embedding_dim, config.train_views, plan.views
+        )
         to_encode = (resolved["accepted"], read[reuse.FALLBACK]) | "ToEncode" >> beam.Flatten()
         stored = read.stored
     if inputs.label_dict is not None:
@@ -412,6 +447,7 @@ def build_pipeline(p: beam.Pipeline, job: Job) -> None:
         total_accepted,
         max_file_bytes=config.max_file_bytes,
         runtime=job.runtime,
+        views=config.train_views,
     )
 
     written_files = []

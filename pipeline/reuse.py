@@ -26,6 +26,14 @@ them; they are this run's only if the earlier run encoded and embedded them as t
   ``--max_file_bytes`` are checked again on every row (below), the fractions, the label
   dictionary and the batch size only decide labels, splits and batching.
 
+**Views** (``--train_views``, :mod:`pipeline.views`) are not compared at launch: they matter
+only for the records this run writes to train, which are known per record. A stored record
+written to another split here drops any views it holds; one written to train, when this run
+makes K > 0 views, is taken only with at least K stored views made by the same recipe and seed
+(view i depends on the image, the seed and i alone, so the first K are this run's), and is
+otherwise encoded and embedded again, views and all. A record's split can change between runs
+(other fractions, a CSV split column), so this is decided per record, not per dataset.
+
 Package versions (Pillow, TensorFlow) are not compared: an upgrade moves JPEG bytes and
 embeddings at the level of JPEG noise, as it moves a full run's. When something differs, nothing
 is reused and the run says why in one line (it is not an error): it is then a full run. A
@@ -70,6 +78,7 @@ from schemas import features
 from schemas import manifest as manifest_lib
 from schemas.backbones import BackboneSpec
 from schemas.cli import UsageError
+from schemas.csv_format import TRAIN
 from schemas.errors import exception_reason
 
 _LOGGER = logging.getLogger(__name__)
@@ -95,12 +104,14 @@ class ReusePlan:
       shards: its TFRecord shards, listed at launch (patterns in a dry run of a remote dir).
       skipped: why nothing is reused (the job then runs as a full run), or "".
       note: one line for the log and the dry run's report.
+      views: the train views its records hold (none when not read, as in a dry run).
     """
 
     source: str
     shards: tuple[str, ...] = ()
     skipped: str = ""
     note: str = ""
+    views: manifest_lib.TrainViews = manifest_lib.TrainViews()
 
     @property
     def active(self) -> bool:
@@ -213,7 +224,7 @@ def plan(
         f"{FLAG} {source}: {written} stored images in {len(shards)} shards, made with the same "
         "backbone, runtime and image options; only images not among them are embedded"
     )
-    return ReusePlan(source, shards, note=note)
+    return ReusePlan(source, shards, note=note, views=previous.train_views())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -229,6 +240,7 @@ class Stored(NamedTuple):
     height: int
     width: int
     embedding: np.ndarray
+    views: np.ndarray | None = None  # [K, D] of a train record made with --train_views
 
 
 def parse_stored(record: bytes) -> Stored:
@@ -238,6 +250,9 @@ def parse_stored(record: bytes) -> Stored:
       RECORD_ERRORS: the record is not a hubflow TFExample.
     """
     feature = tf.train.Example.FromString(record).features.feature
+    views = None
+    if features.EMBEDDING_VIEWS in feature:
+        views = np.asarray(feature[features.EMBEDDING_VIEWS].float_list.value, dtype=np.float32)
 
     def one(key: str, kind: str):
         values = getattr(feature[key], kind).value
@@ -251,6 +266,7 @@ def parse_stored(record: bytes) -> Stored:
         height=int(one(features.IMAGE_HEIGHT, "int64_list")),
         width=int(one(features.IMAGE_WIDTH, "int64_list")),
         embedding=np.asarray(feature[features.EMBEDDING].float_list.value, dtype=np.float32),
+        views=views,
     )
 
 
@@ -275,7 +291,32 @@ def stored_problem(stored: Stored, embedding_dim: int) -> str | None:
         return f"embedding of {stored.embedding.size} values, expected {embedding_dim}"
     if not np.all(np.isfinite(stored.embedding)):
         return "non-finite embedding"
+    if stored.views is not None and (
+        stored.views.size % embedding_dim or not np.all(np.isfinite(stored.views))
+    ):
+        return "unusable views"
     return None
+
+
+def stored_inference(
+    stored: Stored,
+    split: str,
+    embedding_dim: int,
+    views: manifest_lib.TrainViews,
+    stored_views: manifest_lib.TrainViews,
+) -> np.ndarray | None:
+    """What RunInference would have given this run for a stored image written to ``split``:
+    the embedding ``[D]``, or with this run's ``views`` on a train image the centre and its
+    views ``[1 + K, D]``; None when the stored record lacks those views (see the module
+    docstring)."""
+    if split != TRAIN or views.count == 0:
+        return stored.embedding
+    if stored.views is None or not views.same_recipe(stored_views):
+        return None
+    rows = stored.views.reshape(-1, embedding_dim)
+    if len(rows) < views.count:
+        return None
+    return np.concatenate([stored.embedding[np.newaxis], rows[: views.count]])
 
 
 class IndexShardFn(beam.DoFn):
@@ -398,8 +439,15 @@ class ReadStoredFn(beam.DoFn):
     read from the shard in one streaming pass; rows without a usable record go to ``FALLBACK``.
     """
 
-    def __init__(self, embedding_dim: int):
+    def __init__(
+        self,
+        embedding_dim: int,
+        views: manifest_lib.TrainViews | None = None,
+        stored_views: manifest_lib.TrainViews | None = None,
+    ):
         self._embedding_dim = embedding_dim
+        self._views = views or manifest_lib.TrainViews()
+        self._stored_views = stored_views or manifest_lib.TrainViews()
         self._progress = Progress("reused images")
 
     def process(self, element: tuple[str, Iterable[transforms.Accepted]]) -> Iterator:
@@ -428,12 +476,17 @@ class ReadStoredFn(beam.DoFn):
                         problem,
                     )
                     continue
+                inference = stored_inference(
+                    stored, accepted.split, self._embedding_dim, self._views, self._stored_views
+                )
+                if inference is None:
+                    continue  # no views (or other views) stored: embedded again, with views
                 del wanted[stored.sha256]
                 self._progress.update()
                 encoded = transforms.Encoded(
                     accepted, stored.height, stored.width, stored.jpeg, reused=True
                 )
-                yield encoded, PredictionResult(None, stored.embedding)
+                yield encoded, PredictionResult(None, inference)
         except Exception as e:  # noqa: BLE001 - an unreadable input is reported, not fatal
             _LOGGER.warning(
                 "%s: cannot read %s after %d records (%s); embedding its %d remaining images",
@@ -452,14 +505,18 @@ class ReadStored(beam.PTransform):
     """``(shard, Accepted)`` -> stored ``(Encoded, PredictionResult)`` pairs (main output) and
     the ``FALLBACK`` rows to encode and embed after all."""
 
-    def __init__(self, embedding_dim: int):
+    def __init__(
+        self,
+        embedding_dim: int,
+        views: manifest_lib.TrainViews | None = None,
+        stored_views: manifest_lib.TrainViews | None = None,
+    ):
         super().__init__()
-        self._embedding_dim = embedding_dim
+        self._read = ReadStoredFn(embedding_dim, views, stored_views)
 
     def expand(self, known):
         return (
             known
             | "GroupByShard" >> beam.GroupByKey()
-            | "Read"
-            >> beam.ParDo(ReadStoredFn(self._embedding_dim)).with_outputs(FALLBACK, main="stored")
+            | "Read" >> beam.ParDo(self._read).with_outputs(FALLBACK, main="stored")
         )

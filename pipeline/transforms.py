@@ -42,9 +42,11 @@ from pipeline.inference import ImageEmbeddingModelHandler
 from pipeline.parallel import ThreadedDoFn
 from pipeline.progress import Progress
 from pipeline.records import ERRORS, SOURCE_CSV, SOURCE_IMAGE_DIR, Row, counter, reject
+from pipeline.views import ViewsModelHandler, reencode_with_views
 from schemas import csv_format, errors, features
 from schemas.backbones import BackboneSpec
 from schemas.errors import ErrorRecord, exception_reason
+from schemas.manifest import TrainViews
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -269,7 +271,8 @@ class EncodeFn(ThreadedDoFn):
     Outputs ``(Encoded, pixels)``: the pixels are the stored image (upright, downscaled as
     stored) before JPEG compression, resized to the backbone's input size
     (:func:`pipeline.images.backbone_pixels`). The work runs on a thread pool, overlapping the
-    model.
+    model. With ``views`` (``--train_views`` > 0) a train image's pixels are its centre and its
+    augmented views, ``[1 + K, S, S, 3]`` (:mod:`pipeline.views`).
     """
 
     def __init__(
@@ -282,8 +285,10 @@ class EncodeFn(ThreadedDoFn):
         max_in_flight: int | None = None,
         *,
         max_file_bytes: int = images.DEFAULT_MAX_FILE_BYTES,
+        views: TrainViews | None = None,
     ):
         super().__init__(threads, max_in_flight)
+        self._views = views if views is not None and views.count > 0 else None
         self._image_size = image_size
         self._max_pixels = max_pixels
         self._max_side = max_side
@@ -302,18 +307,22 @@ class EncodeFn(ThreadedDoFn):
                 errors.FILE_CHANGED,
                 "the file changed while the job was running",
             )
+        options = {
+            "max_pixels": self._max_pixels,
+            "max_side": self._max_side,
+            "quality": self._quality,
+            "backbone_size": self._image_size,
+        }
         try:
-            encoded = images.reencode(
-                data,
-                max_pixels=self._max_pixels,
-                max_side=self._max_side,
-                quality=self._quality,
-                backbone_size=self._image_size,
-            )
+            if self._views is not None and accepted.split == csv_format.TRAIN:
+                encoded, pixels = reencode_with_views(data, accepted.sha256, self._views, **options)
+            else:
+                encoded = images.reencode(data, **options)
+                pixels = encoded.backbone_pixels
         except images.ImageError as e:
             return ErrorRecord.for_row(row, errors.STAGE_DECODE, e.category, str(e))
         key = Encoded(accepted, encoded.height, encoded.width, encoded.jpeg)
-        return key, encoded.backbone_pixels
+        return key, pixels
 
     def emit(self, accepted: Accepted, result) -> Iterator:
         if isinstance(result, ErrorRecord):
@@ -328,6 +337,9 @@ class ToExampleFn(beam.DoFn):
     An unlabeled image's example has label ``features.UNLABELED_INDEX`` and an empty label text;
     its embedding is not among the ``EMBEDDINGS`` (the statistics come from labeled records).
     A reused image (``Encoded.reused``) is also counted on the ``REUSED`` output.
+    An inference of ``[1 + K, D]`` is a train image's centre and its ``--train_views``: the
+    record stores the views (``features.EMBEDDING_VIEWS``); ``EMBEDDINGS`` gets the centre only,
+    so the statistics (the head's normalisation) do not depend on the views.
     """
 
     def __init__(self):
@@ -346,7 +358,12 @@ class ToExampleFn(beam.DoFn):
         accepted = encoded.accepted
         row = accepted.row
         embedding = np.asarray(result.inference, dtype=np.float32)
-        if not np.all(np.isfinite(embedding)):
+        train_views = None
+        if embedding.ndim == 2:
+            embedding, train_views = embedding[0], embedding[1:]
+        if not np.all(np.isfinite(embedding)) or (
+            train_views is not None and not np.all(np.isfinite(train_views))
+        ):
             yield reject(
                 ErrorRecord.for_row(
                     row,
@@ -367,9 +384,12 @@ class ToExampleFn(beam.DoFn):
             label=features.UNLABELED_INDEX if unlabeled else self._index[row.label],
             label_text=row.label,
             embedding=embedding,
+            views=train_views,
         )
         counter("rows_written").inc()
-        yield TaggedOutput(accepted.split, example.SerializeToString())
+        # deterministic=True: protobuf otherwise writes the feature map in a per-process order,
+        # so two runs on the same images wrote different bytes for the same record.
+        yield TaggedOutput(accepted.split, example.SerializeToString(deterministic=True))
         yield TaggedOutput(WRITTEN, (accepted.split, row.label))
         if encoded.reused:
             counter("rows_reused").inc()
@@ -417,11 +437,13 @@ class EncodeAndEmbed(beam.PTransform):
         *,
         max_file_bytes: int = images.DEFAULT_MAX_FILE_BYTES,
         runtime=None,  # backbones.tflite_runtime.EmbeddingRuntime; None: TensorFlow
+        views: TrainViews | None = None,
     ):
         super().__init__()
         self._spec = spec
         self._batch_size = batch_size
         self._runtime = runtime
+        self._views = views.count if views is not None else 0
         self._encode = EncodeFn(
             spec.image_size,
             max_pixels,
@@ -429,6 +451,7 @@ class EncodeAndEmbed(beam.PTransform):
             quality,
             max_in_flight=encode_in_flight(batch_size),
             max_file_bytes=max_file_bytes,
+            views=views,
         )
         self._labels = labels
         self._total = total
@@ -444,9 +467,10 @@ class EncodeAndEmbed(beam.PTransform):
             | "Materialize" >> beam.Reshuffle()
             | "Encode" >> beam.ParDo(self._encode).with_outputs(ERRORS, main="ok")
         )
-        handler = KeyedModelHandler(
-            ImageEmbeddingModelHandler(self._spec, self._batch_size, self._runtime)
-        )
+        handler = ImageEmbeddingModelHandler(self._spec, self._batch_size, self._runtime)
+        if self._views:  # train images come with their views, embedded in the same batches
+            handler = ViewsModelHandler(handler, self._views)
+        handler = KeyedModelHandler(handler)
         embedded, failed = encoded.ok | "Embed" >> RunInference(handler).with_exception_handling()
         embed_errors = failed.failed_inferences | "FailedBatches" >> beam.FlatMap(
             _failed_batch_errors

@@ -21,6 +21,10 @@ IMAGE_SHA256 = "image/sha256"
 LABEL = "label"
 LABEL_TEXT = "label/text"
 EMBEDDING = "embedding"
+# Train records of a dataset made with ``--train_views K`` > 0 also hold K augmented views'
+# embeddings, ``[K, D]`` (row-major); no other record has the key. Not in ``ALL_KEYS``, the keys
+# every record holds, nor in the tf.Transform spec: the statistics stay the centre view's.
+EMBEDDING_VIEWS = "embedding/views"
 
 IMAGE_FORMAT_JPEG = b"jpeg"
 
@@ -34,6 +38,7 @@ TFRECORD_COMPRESSION = "GZIP"
 _BYTES_KEYS = (IMAGE_ENCODED, IMAGE_FORMAT, IMAGE_SOURCE, IMAGE_SHA256, LABEL_TEXT)
 _INT_KEYS = (IMAGE_HEIGHT, IMAGE_WIDTH, LABEL)
 ALL_KEYS = _BYTES_KEYS + _INT_KEYS + (EMBEDDING,)
+OPTIONAL_KEYS = (EMBEDDING_VIEWS,)
 
 
 def tfrecord_pattern(split: str) -> str:
@@ -56,6 +61,17 @@ def feature_spec(embedding_dim: int) -> dict[str, tf.io.FixedLenFeature]:
         spec[key] = tf.io.FixedLenFeature([], tf.int64)
     spec[EMBEDDING] = tf.io.FixedLenFeature([embedding_dim], tf.float32)
     return spec
+
+
+def views_feature_spec(embedding_dim: int, views: int) -> dict[str, tf.io.FixedLenFeature]:
+    """The parse spec of a train record's ``EMBEDDING_VIEWS``: ``[views, embedding_dim]``.
+
+    Only for the train split of a dataset whose manifest records ``views`` > 0 (the other
+    splits' records have no views, and parsing them with this spec fails).
+    """
+    if views <= 0:
+        raise ValueError(f"views must be positive, got {views}")
+    return {EMBEDDING_VIEWS: tf.io.FixedLenFeature([views, embedding_dim], tf.float32)}
 
 
 def transform_feature_spec(embedding_dim: int) -> dict[str, tf.io.FixedLenFeature]:
@@ -91,8 +107,13 @@ def make_example(
     label: int,
     label_text: str,
     embedding,
+    views=None,
 ) -> tf.train.Example:
-    """Builds one TFExample in hubflow's layout."""
+    """Builds one TFExample in hubflow's layout.
+
+    ``views``: the ``[K, D]`` embeddings of a train image's augmented views, or None (no
+    ``EMBEDDING_VIEWS`` feature: the record is byte for byte what it was before views existed).
+    """
     features: Mapping[str, tf.train.Feature] = {
         IMAGE_ENCODED: _bytes(jpeg),
         IMAGE_FORMAT: _bytes(IMAGE_FORMAT_JPEG),
@@ -106,6 +127,12 @@ def make_example(
             float_list=tf.train.FloatList(value=np.asarray(embedding, np.float32).tolist())
         ),
     }
+    if views is not None:
+        flat = np.asarray(views, np.float32).reshape(-1).tolist()
+        features = {
+            **features,
+            EMBEDDING_VIEWS: tf.train.Feature(float_list=tf.train.FloatList(value=flat)),
+        }
     return tf.train.Example(features=tf.train.Features(feature=features))
 
 

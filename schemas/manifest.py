@@ -68,6 +68,58 @@ PRECISION_BFLOAT16 = "bfloat16"
 PRECISIONS = (PRECISION_FLOAT32, PRECISION_BFLOAT16)
 
 
+# Augmented train views (``--train_views``): the recipe both sides rely on. A view is a random
+# resized crop of the stored image (area fraction and aspect-ratio change drawn uniformly from
+# these ranges, the ratio on a log scale) and/or a horizontal flip (p = 0.5), resized to the
+# backbone's input size, drawn from (image sha256, seed, view index) alone. VIEW_RECIPE names
+# this recipe: change it whenever what a view is changes, so stored views are never mixed.
+VIEW_RECIPE = "rrc-flip-1"
+VIEW_CROP_AREA = (0.6, 1.0)
+VIEW_CROP_RATIO = (3 / 4, 4 / 3)
+# The preprocess flags (``Manifest.options`` keys) that record the views; see TrainViews.
+VIEW_OPTIONS = {
+    "count": "train_views",
+    "seed": "view_seed",
+    "crop": "view_crop",
+    "flip": "view_flip",
+    "recipe": "view_recipe",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainViews:
+    """How many augmented views of each train image a dataset stores, and how they were made.
+
+    The trainer reads ``count`` to parse the train records; an incremental run (``--reuse_from``)
+    takes stored views only from a dataset whose views were made the same way (every field but
+    ``count``: view i depends only on the image, the seed and i, so the first K of more views
+    are the K views). Recorded in the manifest's ``options`` under the flag names
+    :data:`VIEW_OPTIONS`; a manifest without them has no views.
+    """
+
+    count: int = 0
+    seed: int = 0
+    crop: bool = True
+    flip: bool = True
+    recipe: str = VIEW_RECIPE
+
+    def same_recipe(self, other: TrainViews) -> bool:
+        """Whether view i of an image is the same under both (the counts may differ)."""
+        return dataclasses.replace(self, count=0) == dataclasses.replace(other, count=0)
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> TrainViews:
+        if not options.get(VIEW_OPTIONS["count"]):
+            return cls()
+        return cls(
+            count=int(options[VIEW_OPTIONS["count"]]),
+            seed=int(options.get(VIEW_OPTIONS["seed"], 0)),
+            crop=bool(options.get(VIEW_OPTIONS["crop"], True)),
+            flip=bool(options.get(VIEW_OPTIONS["flip"], True)),
+            recipe=str(options.get(VIEW_OPTIONS["recipe"], "")),
+        )
+
+
 @dataclasses.dataclass
 class Manifest:
     """Everything a consumer needs to know about one preprocessed dataset."""
@@ -91,6 +143,10 @@ class Manifest:
     # of ``rows`` so that readers which do not know it (older hubflow) still read the manifest.
     reuse: Reuse | None = None
     schema_version: int = SCHEMA_VERSION
+
+    def train_views(self) -> TrainViews:
+        """The augmented views its train records hold (``count`` 0: none)."""
+        return TrainViews.from_options(self.options)
 
     def split_count(self, split: str) -> int:
         return int(self.splits.get(split, {}).get("count", 0))

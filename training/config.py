@@ -107,6 +107,9 @@ class TrainConfig:
     tune_fixed: tuple[str, ...] = ()  # TUNED_FLAGS given on the command line: held in every try
     examples_per_class: int | None = None  # train on this many train examples per class
     subsample_seed: int | None = None  # the draw's seed (0 unless given; None without K)
+    # An embedding head samples the augmented train views the dataset stores (hubflow-preprocess
+    # --train_views), one of centre + views per example and epoch; False: the centre only.
+    views: bool = True
 
     @property
     def from_scratch(self) -> bool:
@@ -230,6 +233,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="with --examples_per_class: the seed of the draw (default 0)",
+    )
+    p.add_argument(
+        "--views",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="an embedding head samples the augmented views of each train image that the "
+        "dataset stores (hubflow-preprocess --train_views), a new one per epoch; --no-views: "
+        "the centre view only (default on; no effect on a dataset without views)",
     )
     p.add_argument("--class_weight", choices=("none", "balanced"), default="none")
     p.add_argument(
@@ -384,4 +395,5 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
         tune_fixed=given if tune else (),
         examples_per_class=args.examples_per_class,
         subsample_seed=args.subsample_seed,
+        views=args.views,
     )

@@ -36,6 +36,8 @@ class Dataset:
     ``train_indices`` are the train records trained on with ``--examples_per_class`` (positions
     in the train split read in file order, :func:`read_labels`), None for all of them;
     ``train_labels`` are their label counts. ``counts`` always describe the data dir.
+    ``views`` is how many augmented views of each train image (``--train_views``) the run's
+    embedding head samples from, 0 for none (:func:`sample_views`).
     """
 
     manifest: manifest_lib.Manifest
@@ -45,6 +47,7 @@ class Dataset:
     normalization: tuple[np.ndarray, np.ndarray] | None = None
     train_indices: np.ndarray | None = None
     train_labels: dict[str, int] | None = None
+    views: int = 0
 
     def examples(self, split: str) -> int:
         """How many examples of ``split`` the run uses (the draw, for train with K per class)."""
@@ -98,6 +101,10 @@ def load(config: TrainConfig) -> Dataset:
     if not config.from_scratch:
         normalization = _normalization(config.data_dir, manifest.backbone.embedding_dim)
     dataset = Dataset(manifest, files, counts, fingerprint(manifest, files), normalization)
+    if config.views and not config.uses_images:
+        dataset.views = manifest.train_views().count
+        if dataset.views:
+            _check_views(manifest, files[csv_format.TRAIN][0], dataset.views)
     if config.examples_per_class is not None:
         _draw_train_examples(config, dataset)
     return dataset
@@ -181,6 +188,20 @@ def _check_first_record(config: TrainConfig, manifest: manifest_lib.Manifest, pa
         )
     if config.uses_images and not parsed[features.IMAGE_ENCODED].numpy():
         raise UsageError("--features image: this dataset was written without images")
+
+
+def _check_views(manifest: manifest_lib.Manifest, path: str, views: int) -> None:
+    """The first train record holds the ``views`` x D view embeddings the manifest promises."""
+    spec = {features.EMBEDDING_VIEWS: tf.io.VarLenFeature(tf.float32)}
+    first = next(iter(tf.data.TFRecordDataset([path], features.TFRECORD_COMPRESSION)))
+    size = int(tf.size(tf.io.parse_single_example(first, spec)[features.EMBEDDING_VIEWS].values))
+    expected = views * manifest.backbone.embedding_dim
+    if size != expected:
+        raise UsageError(
+            f"--data_dir: {path} holds {size} view values but manifest.json says {views} train "
+            f"views of {manifest.backbone.embedding_dim}: rerun hubflow-preprocess (or pass "
+            "--no-views)"
+        )
 
 
 def _normalization(data_dir: str, embedding_dim: int) -> tuple[np.ndarray, np.ndarray]:
@@ -312,8 +333,14 @@ def _records(files: list[str], indices: np.ndarray | None) -> tf.data.Dataset:
     return records.map(lambda _, record: record)
 
 
-def _parser(manifest: manifest_lib.Manifest, config: TrainConfig) -> tuple[Callable, int]:
-    """``record -> (features, label)`` for the model, and the bytes of one parsed example."""
+def _parser(
+    manifest: manifest_lib.Manifest, config: TrainConfig, views: int = 0
+) -> tuple[Callable, int]:
+    """``record -> (features, label)`` for the model, and the bytes of one parsed example.
+
+    With ``views`` (train records of a dataset with views), an embedding example's features are
+    the centre and its views, ``[1 + views, D]``, for :func:`sample_views` to draw from.
+    """
     spec = features.feature_spec(manifest.backbone.embedding_dim)
     key = features.IMAGE_ENCODED if config.uses_images else features.EMBEDDING
     wanted = {key: spec[key], features.LABEL: spec[features.LABEL]}
@@ -326,11 +353,38 @@ def _parser(manifest: manifest_lib.Manifest, config: TrainConfig) -> tuple[Calla
 
         return parse_image, 4 * shape[0] * shape[1] * shape[2]
 
+    if views:
+        wanted.update(features.views_feature_spec(manifest.backbone.embedding_dim, views))
+
+        def parse_views(record):
+            parsed = tf.io.parse_single_example(record, wanted)
+            stacked = tf.concat([parsed[key][tf.newaxis], parsed[features.EMBEDDING_VIEWS]], 0)
+            return stacked, parsed[features.LABEL]
+
+        return parse_views, 4 * (1 + views) * manifest.backbone.embedding_dim
+
     def parse_embedding(record):
         parsed = tf.io.parse_single_example(record, wanted)
         return parsed[key], parsed[features.LABEL]
 
     return parse_embedding, 4 * manifest.backbone.embedding_dim
+
+
+def sample_views(dataset: tf.data.Dataset, seed: int) -> tf.data.Dataset:
+    """``([B, 1 + K, D], label)`` batches -> ``([B, D], label)``: one of the centre and its K
+    views per example, drawn uniformly, anew on every pass (epoch).
+
+    The draws come from one ``tf.random.Generator`` seeded with ``seed`` and advanced by a
+    sequential map: the same seed gives the same views, batch after batch, epoch after epoch.
+    """
+    generator = tf.random.Generator.from_seed(seed)
+
+    def pick(x, y):
+        shape = tf.shape(x)
+        index = generator.uniform([shape[0]], minval=0, maxval=shape[1], dtype=tf.int32)
+        return tf.gather(x, index, axis=1, batch_dims=1), y
+
+    return dataset.map(pick)
 
 
 def batches(
@@ -340,13 +394,23 @@ def batches(
 
     The tail of :func:`make_dataset` for cached examples; the head tuner
     (:mod:`training.tuning`) feeds its in-memory arrays through it too, so a candidate sees
-    the batches the trainer's own head stage sees with the same seed.
+    the batches the trainer's own head stage sees with the same seed. Train examples with
+    views (``[1 + K, D]`` embeddings) come out as one sampled view each (:func:`sample_views`).
     """
     if training:
         dataset = dataset.shuffle(
             min(num_examples, 100_000), seed=config.seed, reshuffle_each_iteration=True
         )
-    return dataset.batch(config.batch_size)
+    dataset = dataset.batch(config.batch_size)
+    if training and _has_views(dataset):
+        dataset = sample_views(dataset, config.seed)
+    return dataset
+
+
+def _has_views(batched: tf.data.Dataset) -> bool:
+    """Whether embedding batches hold a centre and its views, ``[B, 1 + K, D]``."""
+    features_spec = batched.element_spec[0]
+    return isinstance(features_spec, tf.TensorSpec) and features_spec.shape.rank == 3
 
 
 def make_dataset(
@@ -358,6 +422,7 @@ def make_dataset(
     augmenter: Callable[[tf.Tensor], tf.Tensor] | None = None,
     num_examples: int | None = None,
     indices: np.ndarray | None = None,
+    views: int = 0,
 ) -> tf.data.Dataset:
     """``(features, label)`` batches of one split.
 
@@ -365,9 +430,11 @@ def make_dataset(
     Shuffling and augmentation happen only when ``training``. Parsed (and, for images,
     decoded and resized) examples are cached in memory when ``num_examples`` says they fit in
     :data:`CACHE_LIMIT_BYTES`; backbone-sized images are not cached. With ``indices`` only the
-    records at those positions (file order) are used, e.g. ``--examples_per_class``.
+    records at those positions (file order) are used, e.g. ``--examples_per_class``. With
+    ``views`` (train, a dataset with views) each example's embedding is drawn per epoch from its
+    centre and its views (:func:`sample_views`).
     """
-    parse, example_bytes = _parser(manifest, config)
+    parse, example_bytes = _parser(manifest, config, views if training else 0)
     dataset = _records(files, indices)
     cache = num_examples is not None and num_examples * example_bytes <= CACHE_LIMIT_BYTES
     if training and not cache:
@@ -380,20 +447,25 @@ def make_dataset(
         dataset = batches(cached, config, training=training, num_examples=num_examples)
     else:
         dataset = dataset.batch(config.batch_size)
+        if training and views:
+            dataset = sample_views(dataset, config.seed)
     if training and augmenter is not None:
         dataset = dataset.map(lambda x, y: (augmenter(x), y), num_parallel_calls=AUTOTUNE)
     return dataset.prefetch(AUTOTUNE)
 
 
 def embedding_arrays(
-    config: TrainConfig, data: Dataset, split: str
+    config: TrainConfig, data: Dataset, split: str, *, views: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
     """The stored embeddings ``[N, D]`` and labels ``[N]`` of ``split``, in memory.
 
     In the order :func:`make_dataset` caches them before shuffling, and only the records the
-    run uses (:meth:`Dataset.indices`).
+    run uses (:meth:`Dataset.indices`). With ``views``, the train split of a run that samples
+    views gives ``[N, 1 + K, D]``: each centre and its views, as :func:`make_dataset` caches them.
     """
-    parse, _ = _parser(data.manifest, dataclasses.replace(config, features=FEATURES_EMBEDDING))
+    count = data.views if views and split == csv_format.TRAIN else 0
+    embedding_config = dataclasses.replace(config, features=FEATURES_EMBEDDING)
+    parse, _ = _parser(data.manifest, embedding_config, count)
     dataset = _records(data.files[split], data.indices(split))
     dataset = dataset.map(parse, num_parallel_calls=AUTOTUNE, deterministic=True).batch(1024)
     xs, ys = [], []
@@ -402,7 +474,8 @@ def embedding_arrays(
         ys.append(y)
     dim = data.manifest.backbone.embedding_dim
     if not xs:
-        return np.zeros([0, dim], np.float32), np.zeros([0], np.int64)
+        shape = [0, 1 + count, dim] if count else [0, dim]
+        return np.zeros(shape, np.float32), np.zeros([0], np.int64)
     return np.concatenate(xs), np.concatenate(ys)
 
 
@@ -432,6 +505,7 @@ def make_split_datasets(
             augmenter=augmenter,
             num_examples=data.examples(split),
             indices=data.indices(split),
+            views=data.views if split == csv_format.TRAIN else 0,
         )
         for split in csv_format.SPLITS
     }

@@ -84,8 +84,10 @@ def tune_head(config: TrainConfig, dataset: data.Dataset, resumed: bool) -> Tuni
         _LOGGER.info("reusing the tuning of the run in %s", config.model_dir)
         _warn_if_flags_differ(config, previous["chosen"])
         return Tuning(dataclasses.replace(config, **previous["chosen"]), previous)
+    train_rows = dataset.examples(csv_format.TRAIN) * (1 + dataset.views)
     examples = dataset.examples(csv_format.TRAIN) + dataset.examples(csv_format.EVAL)
-    if examples * 4 * dataset.manifest.backbone.embedding_dim > data.CACHE_LIMIT_BYTES:
+    rows = train_rows + dataset.examples(csv_format.EVAL)
+    if rows * 4 * dataset.manifest.backbone.embedding_dim > data.CACHE_LIMIT_BYTES:
         _LOGGER.warning(
             "%d train and eval embeddings do not fit in memory to tune the head: training one "
             "head with the given flags, as --no_tune does",
@@ -93,7 +95,7 @@ def tune_head(config: TrainConfig, dataset: data.Dataset, resumed: bool) -> Tuni
         )
         return None
     started, cpu = time.monotonic(), time.process_time()
-    train = data.embedding_arrays(config, dataset, csv_format.TRAIN)
+    train = data.embedding_arrays(config, dataset, csv_format.TRAIN, views=True)
     evaluation = data.embedding_arrays(config, dataset, csv_format.EVAL)
     results = []
     for params in candidates(config):
@@ -132,7 +134,11 @@ def fit_candidate(
     train: tuple[np.ndarray, np.ndarray],
     evaluation: tuple[np.ndarray, np.ndarray],
 ) -> dict[str, Any]:
-    """Fits one head on in-memory embeddings as the head stage would; its eval results."""
+    """Fits one head on in-memory embeddings as the head stage would; its eval results.
+
+    ``train`` may hold each example's centre and views (``[N, 1 + K, D]``): the batches then
+    sample one per example and epoch, as the head stage's do (:func:`training.data.batches`).
+    """
     started = time.monotonic()
     num_classes = len(dataset.manifest.labels)
     tf_keras.utils.set_random_seed(config.seed)  # the trainer seeds, then builds its datasets
@@ -146,7 +152,8 @@ def fit_candidate(
     # run (one train step per epoch) would otherwise spend most of its epochs evaluating.
     eval_ds = tf.data.Dataset.from_tensor_slices(evaluation).batch(EVAL_BATCH).cache()
     mean, std = dataset.normalization
-    start = models.start_kernel(config, *train, num_classes)
+    centre = train[0][:, 0] if train[0].ndim == 3 else train[0]  # the views' is not the start
+    start = models.start_kernel(config, centre, train[1], num_classes)
     head = models.embedding_head(
         dataset.manifest.backbone.embedding_dim, num_classes, mean, std, config, start
     )
