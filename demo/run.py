@@ -1,8 +1,8 @@
 """The one-command demo: ``python -m demo`` (console script ``hubflow-demo``).
 
 Runs the whole product offline on the DirectRunner: writes a small generated image set with a
-label CSV (shapes, see :mod:`demo.sample`), preprocesses it with the ImageNet
-``efficientnet_lite0`` backbone (built locally on first use), trains a classifier head on the
+label CSV (shapes, see :mod:`demo.sample`), preprocesses it with the default ImageNet
+backbone (``efficientnet_lite2``, built locally on first use), trains a classifier head on the
 embeddings, prints the test metrics, and classifies a few images through the exported SavedModel.
 Everything is overwritten on a rerun.
 """

@@ -43,8 +43,8 @@ def test_presets_declare_their_input_contract():
         assert preset.build is None  # downloaded from TF-Hub, not built here
     assert registry.get("inception_v3").spec.image_size == 299
     builtin = registry.get(registry.DEFAULT_BACKBONE)
-    assert builtin.spec.handle == "hubflow-builtin://efficientnet_lite0" and builtin.build
-    assert (builtin.spec.image_size, builtin.spec.embedding_dim) == (224, 1280)
+    assert builtin.spec.handle == "hubflow-builtin://efficientnet_lite2" and builtin.build
+    assert (builtin.spec.image_size, builtin.spec.embedding_dim) == (260, 1280)
 
 
 def test_resolve_backbone_flag_values(tmp_path):

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from backbones import cache
+from backbones import cache, registry
 from demo import run as demo
 
 pytestmark = pytest.mark.slow
@@ -22,7 +22,7 @@ def test_demo_runs_end_to_end_twice(tmp_path, monkeypatch, capsys):
     assert out.count("[4/4] classifying") == 2
     assert "test accuracy:" in out and "(as PNG)" in out
     manifest = json.loads((work / "dataset" / "manifest.json").read_text())
-    assert manifest["backbone"]["name"] == "efficientnet_lite0"
+    assert manifest["backbone"]["name"] == registry.DEFAULT_BACKBONE
     assert manifest["backbone"]["embedding_dim"] == 1280
     assert manifest["rows"]["written"] == 36
     assert os.listdir(work / "model" / "export") == ["1"]  # --overwrite: a fresh model each run

@@ -179,7 +179,9 @@ def test_workers_load_the_staged_builtin_and_the_manifest_keeps_its_name(
     monkeypatch.setattr(cache, "build_builtin", lambda name, path: shutil.copytree(standin, path))
     temp = str(tmp_path / "fake-gcs-temp")
     out = str(tmp_path / "data")
-    config, _ = preprocess.parse_config([f"--image_dir={images}", f"--output_dir={out}"])
+    config, _ = preprocess.parse_config(
+        [f"--image_dir={images}", f"--output_dir={out}", "--backbone=efficientnet_lite0"]
+    )
     args = [*FLINK, f"--temp_location={temp}"]
     job = preprocess.resolve(config, preprocess.resolve_inputs(config), args)
     assert job.backbone.handle == "hubflow-builtin://efficientnet_lite0"
@@ -210,6 +212,7 @@ def test_with_a_container_image_the_builtin_backbone_is_not_staged(
     monkeypatch.setattr(cache, "build_builtin", lambda name, path: shutil.copytree(standin, path))
     image = "us-central1-docker.pkg.dev/my-project/hubflow/hubflow:0.1.0-beam2.77.0"
     argv = ["--input_csv=gs://my-bucket/a.csv", "--output_dir=gs://my-bucket/out", *DATAFLOW]
+    argv.append("--backbone=efficientnet_lite0")  # a built-in of the standin's input size
     assert preprocess.main([*argv, f"--sdk_container_image={image}"]) == 0
     out = capsys.readouterr().out
     assert not [line for line in out.splitlines() if "--backbone" in line and "staged for" in line]
