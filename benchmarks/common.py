@@ -191,16 +191,17 @@ def add_job_flag(parser: argparse.ArgumentParser, job: str = "the job") -> None:
     )
 
 
-def int_list(value: str) -> list[int]:
-    """An argparse type: comma-separated positive integers."""
+def int_list(value: str, minimum: int = 1) -> list[int]:
+    """An argparse type: comma-separated integers, each at least ``minimum`` (positive unless
+    given: ``type=functools.partial(int_list, minimum=0)`` allows 0)."""
     try:
         numbers = [int(x) for x in value.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated integers, got {value!r}"
         ) from None
-    if not numbers or min(numbers) <= 0:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {value!r}")
+    if not numbers or min(numbers) < minimum:
+        raise argparse.ArgumentTypeError(f"expected integers >= {minimum}, got {value!r}")
     return numbers
 
 

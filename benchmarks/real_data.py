@@ -122,9 +122,23 @@ def run_step(command: list[str], log_path: str) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-def write_catsdogs_csv(data_dir: str, path: str) -> dict[str, int]:
-    """Label CSV ``image_uri,label,split``: train/* rows blank-split, test/* rows ``test``."""
-    return common.write_folder_csv(data_dir, {"train": "", "test": "test"}, path)
+def photo_dataset(
+    name: str, data_dir: str, folders: dict[str, str], args, work_dir: str, results: dict
+) -> dict:
+    """Writes the label CSV ``image_uri,label,split`` of ``data_dir``'s class folders (each
+    top folder's split from ``folders``: blank = hashed into train/eval) and runs the job on it
+    with ``--photo_backbone``, ``--eval_fraction 0.2 --test_fraction 0``."""
+    csv_path = os.path.join(work_dir, f"{name}_labels.csv")
+    files = common.write_folder_csv(data_dir, folders, csv_path)
+    results[f"{name}_csv"] = {"path": csv_path, "files": files}
+    common.log(f"  label CSV {csv_path}: {files}")
+    job = [
+        f"--input_csv={csv_path}",
+        f"--backbone={args.photo_backbone}",
+        "--eval_fraction=0.2",
+        "--test_fraction=0",
+    ]
+    return _attempt(results, f"{name}_preprocess", work_dir, preprocess, name, job, args, work_dir)
 
 
 def _embed_rate(log_path: str) -> float | None:
@@ -447,20 +461,8 @@ def main(argv=None) -> int:
 
     if "catsdogs" not in skip:
         common.log(f"\n== 1. cats-vs-dogs-2k, {args.photo_backbone} ==")
-        csv_path = os.path.join(work_dir, "catsdogs_labels.csv")
-        results["catsdogs_csv"] = {
-            "path": csv_path,
-            "files": write_catsdogs_csv(args.catsdogs_dir, csv_path),
-        }
-        common.log(f"  label CSV {csv_path}: {results['catsdogs_csv']['files']}")
-        job = [
-            f"--input_csv={csv_path}",
-            f"--backbone={args.photo_backbone}",
-            "--eval_fraction=0.2",
-            "--test_fraction=0",
-        ]
-        prep = _attempt(
-            results, "catsdogs_preprocess", work_dir, preprocess, "catsdogs", job, args, work_dir
+        prep = photo_dataset(
+            "catsdogs", args.catsdogs_dir, {"train": "", "test": "test"}, args, work_dir, results
         )
         data_dir = prep.get("output_dir")
         steps = [
@@ -495,23 +497,9 @@ def main(argv=None) -> int:
 
     if "hymenoptera" not in skip:
         common.log(f"\n== 2. hymenoptera, {args.photo_backbone} ==")
-        csv_path = os.path.join(work_dir, "hymenoptera_labels.csv")
-        results["hymenoptera_csv"] = {
-            "path": csv_path,
-            "files": common.write_folder_csv(
-                args.hymenoptera_dir, {"train": "", "val": "test"}, csv_path
-            ),
-        }
-        common.log(f"  label CSV {csv_path}: {results['hymenoptera_csv']['files']}")
-        job = [
-            f"--input_csv={csv_path}",
-            f"--backbone={args.photo_backbone}",
-            "--eval_fraction=0.2",
-            "--test_fraction=0",
-        ]
-        prep = _attempt(
-            results, "hymenoptera_preprocess", work_dir, preprocess, "hymenoptera", job, args,
-            work_dir,
+        prep = photo_dataset(
+            "hymenoptera", args.hymenoptera_dir, {"train": "", "val": "test"}, args, work_dir,
+            results,
         )  # fmt: skip
         if "error" not in prep:
             common.log("\n-- hymenoptera, default flags")

@@ -33,15 +33,7 @@ DATASETS = {
 
 def view_counts(value: str) -> list[int]:
     """An argparse type: comma-separated view counts, 0 (the baseline) allowed."""
-    try:
-        numbers = [int(x) for x in value.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {value!r}"
-        ) from None
-    if not numbers or min(numbers) < 0:
-        raise argparse.ArgumentTypeError(f"expected integers >= 0, got {value!r}")
-    return numbers
+    return common.int_list(value, minimum=0)
 
 
 def preprocess(name: str, k: int, args, work_dir: str) -> dict:

@@ -83,3 +83,23 @@ def no_gcs(monkeypatch):
 
     for name in ("match", "exists", "create", "open", "mkdirs", "delete", "rename", "copy"):
         monkeypatch.setattr(gcsfilesystem.GCSFileSystem, name, refuse)
+
+
+def preprocessed_folders(tmp_path_factory, backbone: str, per_class: int, name: str) -> str:
+    """Generated class folders (:func:`write_dataset`) run through the real preprocessing job
+    with ``backbone``, a quarter each hashed into eval and test; returns the data dir."""
+    from pipeline import preprocess
+
+    root = tmp_path_factory.mktemp(f"{name}_images")
+    write_dataset(root, per_class=per_class)
+    out = tmp_path_factory.mktemp(f"{name}_data")
+    preprocess.run(
+        [
+            f"--image_dir={root}",
+            f"--output_dir={out}",
+            f"--backbone={backbone}",
+            "--eval_fraction=0.25",
+            "--test_fraction=0.25",
+        ]
+    )
+    return str(out)

@@ -14,10 +14,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline import preprocess
 from schemas import csv_format, features, serving
 from schemas import manifest as manifest_lib
-from tests.conftest import write_dataset
+from tests.conftest import preprocessed_folders
 from training import task
 from training.config import parse_config
 
@@ -28,19 +27,7 @@ FINE_TUNE = ["--fine_tune", "--fine_tune_epochs=2", "--fine_tune_layers=2"]
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory, tiny_backbone):
-    root = tmp_path_factory.mktemp("fallback_images")
-    write_dataset(root, per_class=16)
-    out = tmp_path_factory.mktemp("fallback_data")
-    preprocess.run(
-        [
-            f"--image_dir={root}",
-            f"--output_dir={out}",
-            f"--backbone={tiny_backbone}",
-            "--eval_fraction=0.25",
-            "--test_fraction=0.25",
-        ]
-    )
-    return str(out)
+    return preprocessed_folders(tmp_path_factory, tiny_backbone, 16, "fallback")
 
 
 def _train(data_dir, model_dir, *flags):

@@ -15,11 +15,10 @@ import os
 import numpy as np
 import pytest
 
-from pipeline import preprocess
 from schemas import csv_format, features
 from schemas import manifest as manifest_lib
 from schemas.cli import UsageError
-from tests.conftest import CLASS_COLOURS, write_dataset
+from tests.conftest import CLASS_COLOURS, preprocessed_folders
 from training import data, models, sampling, task, tuning
 from training.config import TUNING_CANDIDATES, parse_config
 
@@ -30,19 +29,7 @@ LABELS = sorted(CLASS_COLOURS)
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory, tiny_backbone):
-    root = tmp_path_factory.mktemp("tuning_images")
-    write_dataset(root, per_class=PER_CLASS)
-    out = tmp_path_factory.mktemp("tuning_data")
-    preprocess.run(
-        [
-            f"--image_dir={root}",
-            f"--output_dir={out}",
-            f"--backbone={tiny_backbone}",
-            "--eval_fraction=0.25",
-            "--test_fraction=0.25",
-        ]
-    )
-    return str(out)
+    return preprocessed_folders(tmp_path_factory, tiny_backbone, PER_CLASS, "tuning")
 
 
 def _config(data_dir, model_dir, *flags):
