@@ -248,21 +248,19 @@ def _best_pass_ms(fn, passes: int = 3) -> float:
     return best * 1000
 
 
-def stage_costs(work_dir: str, count: int, spec, embedder, batch: int, seconds: float) -> dict:
+def stage_costs(work_dir: str, count: int, spec, batch: int, seconds: float, runtime=None) -> dict:
     """Times the job's per-image stages on their own, on the first ``count`` images.
 
     Each stage runs in this one thread, so its time is CPU time of one core (the job runs the
     Pillow stages on a thread pool, overlapped with the model): pass 2's read + sha256 +
     validation, pass 3's read + sha256 + decode + JPEG re-encode + resize to the backbone's
     pixels (``EncodeFn.work``), GZIP of the finished records with Beam's default level 6 and
-    with the job's setting (:mod:`pipeline.sinks`), and the job's model call on uint8 pixels.
+    with the job's setting (:mod:`pipeline.sinks`), and the job's model call on uint8 pixels:
+    its RunInference handler in the job's ``runtime`` (TFLite by default on CPU), all cores.
     """
     import zlib
 
-    import tensorflow as tf
-
-    from backbones.inputs import pixels_to_backbone_input
-    from pipeline import images, sinks
+    from pipeline import images, inference, sinks
     from schemas import features
 
     paths = [os.path.join(work_dir, image_relpath(i)) for i in range(count)]
@@ -318,12 +316,18 @@ def stage_costs(work_dir: str, count: int, spec, embedder, batch: int, seconds: 
             "size_ratio": compressed[0] / sum(len(r) for r in records),
         }
 
-    @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8)])
-    def embed(batch_pixels):
-        return embedder(pixels_to_backbone_input(batch_pixels))
-
-    stacked = tf.constant(np.stack((pixels * (batch // len(pixels) + 1))[:batch]))
-    calls, elapsed, _ = common.time_calls(embed, stacked, seconds)
+    handler = inference.ImageEmbeddingModelHandler(spec, batch, runtime)  # the job's runtime
+    model = handler.load_model()
+    stacked = list(np.stack((pixels * (batch // len(pixels) + 1))[:batch]))
+    for _ in range(3):  # traced and warm, as the job's is by then
+        handler.run_inference(stacked, model)
+    calls, start = 0, time.perf_counter()
+    while True:
+        handler.run_inference(stacked, model)
+        calls += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds and calls >= 3:
+            break
     embed_rate = batch * calls / elapsed
     image_work_ms = validate_ms + encode_ms + gzip["job"]["ms_per_record"]
     return {
@@ -334,6 +338,7 @@ def stage_costs(work_dir: str, count: int, spec, embedder, batch: int, seconds: 
         "gzip": gzip,
         "image_work_ms": image_work_ms,
         "job_embed_images_per_s": embed_rate,
+        "job_embed_runtime": runtime.name if runtime is not None else "tensorflow",
         "batch": batch,
     }
 
@@ -574,7 +579,7 @@ def format_report(results: dict) -> str:
         f"  image work per image (sum of the job's rows)     "
         f"{stages['image_work_ms']:6.2f} CPU ms/img (raw best: "
         f"{raw['best_cpu_ms_per_image']:.1f} CPU ms/img for the model)",
-        f"  model on uint8 pixels (the job's embed call)     "
+        f"  model on uint8 pixels (the job's embed call, {stages.get('job_embed_runtime')}) "
         f"{stages['job_embed_images_per_s']:6.1f} img/s",
         "",
         f"Beam-free loop (the job's functions, pool and batch, no Beam; N={results['loop']['n']}, "
@@ -824,7 +829,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print("[4/6] job stages alone", flush=True)
         results["stages"] = stage_costs(
-            work_dir, args.stage_sample, spec, embedder, best_batch, args.seconds
+            work_dir, args.stage_sample, spec, job_batch, args.seconds, runtime
         )
         print(f"      {results['stages']}", flush=True)
 
