@@ -49,12 +49,6 @@ class LabelVocabulary(beam.PTransform):
     """Label strings -> a singleton PCollection with the alphabetical list of distinct labels
     (``[]`` when there is none)."""
 
-    def __init__(self, temp_dir: str = ""):
-        # temp_dir: tf.Transform's scratch dir, which this no longer uses; accepted until the
-        # caller (pipeline.preprocess.build_pipeline) stops passing it.
-        super().__init__()
-        del temp_dir
-
     def expand(self, labels):
         return (
             labels

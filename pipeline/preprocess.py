@@ -433,7 +433,7 @@ def build_pipeline(p: beam.Pipeline, job: Job) -> None:
         labels = (
             accepted
             | "Labels" >> beam.FlatMap(lambda a: [] if a.row.unlabeled else [a.row.label])
-            | "LabelVocabulary" >> analyze.LabelVocabulary(job.tft_temp_dir)
+            | "LabelVocabulary" >> analyze.LabelVocabulary()
         )
     total_accepted = accepted | "CountAccepted" >> beam.combiners.Count.Globally()
     pass3_input = to_encode if stored is None else (to_encode, stored)

@@ -252,3 +252,42 @@ def test_handles_that_are_not_builtins_are_not_checked(tmp_path, monkeypatch):
     url = "https://tfhub.dev/google/imagenet/mobilenet_v2_100_224/feature_vector/5"
     assert cache.local_handle(url) == url
     assert not (tmp_path / "cache").exists()
+
+
+def test_pruning_deletes_only_entries_of_local_backbones_that_are_gone(tmp_path):
+    """A derived cache entry (probe record, TFLite conversion) of a deleted local SavedModel is
+    removed with its digest record and lock; entries of live models, of handles, unreadable ones,
+    other files in the cache, and the backbones themselves are never touched."""
+    folder, live = tmp_path / "cache" / "derived", tmp_path / "models" / "live"
+    folder.mkdir(parents=True)
+    live.mkdir(parents=True)
+    (live / "saved_model.pb").write_bytes(b"model")
+
+    def entry(name, handle):
+        path = folder / name
+        path.mkdir()
+        (path / "record.json").write_text(json.dumps({"backbone": {"handle": handle}}))
+        (folder / f"{name}{cache.RECORD_SUFFIX}").write_text("digest")
+        (folder / f".{name}.lock").write_text("")
+        return path
+
+    gone = entry("gone", str(tmp_path / "models" / "deleted"))
+    kept = [
+        entry("live", str(live)),
+        entry("builtin", "hubflow-builtin://efficientnet_lite0"),
+        entry("url", "https://tfhub.dev/x/1"),
+    ]
+    unreadable = folder / "unreadable"
+    unreadable.mkdir()
+    (unreadable / "record.json").write_text("{not json")
+    (folder / "notes.txt").write_text("a user's file")
+
+    assert cache.prune_orphans(str(folder), "record.json") == [str(gone)]
+    assert not gone.exists()
+    assert not (folder / f"gone{cache.RECORD_SUFFIX}").exists()
+    assert not (folder / ".gone.lock").exists()
+    for path in kept:
+        assert (path / "record.json").exists()
+        assert (folder / f"{path.name}{cache.RECORD_SUFFIX}").exists()
+    assert (unreadable / "record.json").exists() and (folder / "notes.txt").exists()
+    assert (live / "saved_model.pb").read_bytes() == b"model"
