@@ -45,7 +45,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 
 from backbones import registry
-from schemas.backbones import builtin_name, is_builtin
+from schemas.backbones import builtin_name, concat_parts, is_builtin, is_concat
 
 try:
     import fcntl
@@ -118,7 +118,8 @@ def record(entry: str) -> str:
 
 
 def local_handle(handle: str) -> str:
-    """The handle ``hub.load`` / ``hub.KerasLayer`` should use: built-ins become cache paths.
+    """The handle ``hub.load`` / ``hub.KerasLayer`` should use: built-ins and composites
+    (``--backbone a,b``, :mod:`backbones.composite`) become cache paths.
 
     A built-in is built on first use, and verified (ownership, permissions, digest) on every
     use; an entry without a matching record is rebuilt. Other handles are returned unchanged.
@@ -128,6 +129,10 @@ def local_handle(handle: str) -> str:
         writable by group or others.
       OSError, ValueError: the build failed.
     """
+    if is_concat(handle):
+        from backbones import composite  # it builds on this module
+
+        return composite.local_path(handle)
     if not is_builtin(handle):
         return handle
     name = builtin_name(handle)
@@ -201,7 +206,8 @@ def prune_orphans(folder: str, record_file: str) -> list[str]:
     (a rebuilt or deleted model, a test's temp backbone); returns their paths. Run after a build.
 
     Each entry names its source in ``<entry>/<record_file>``, a JSON object with
-    ``backbone.handle``; entries without a readable one are left alone.
+    ``backbone.handle`` (a composite's: gone when one of its parts is); entries without a
+    readable one are left alone.
     """
     pruned = []
     for name in sorted(os.listdir(folder)):
@@ -211,7 +217,8 @@ def prune_orphans(folder: str, record_file: str) -> list[str]:
                 handle = json.load(f)["backbone"]["handle"]
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        if "://" in handle or os.path.exists(handle):
+        handles = concat_parts(handle) if is_concat(handle) else [handle]
+        if all("://" in h or os.path.exists(h) for h in handles):
             continue
         with contextlib.suppress(FileNotFoundError):
             os.unlink(record_path(entry))  # no longer valid from here on

@@ -157,6 +157,8 @@ def describe(spec: BackboneSpec) -> tuple[BackboneSpec, str]:
       ValueError: as :func:`probe` (and for a handle whose files cannot be read).
       UntrustedCacheError: the cache cannot be trusted (see :mod:`backbones.cache`).
     """
+    if spec.parts:  # a composite's parts are described first: it is built from them
+        spec = dataclasses.replace(spec, parts=tuple(describe(part)[0] for part in spec.parts))
     try:
         digest = content_digest(model_dir(spec))
     except UntrustedCacheError:
@@ -283,11 +285,11 @@ def _check_dim(spec: BackboneSpec, dim: int) -> None:
         )
 
 
-def keras_layer(spec: BackboneSpec, trainable: bool = False):
-    """The backbone as a ``hub.KerasLayer`` named ``backbone`` (a tf_keras layer, Keras 2 only)."""
+def keras_layer(spec: BackboneSpec, trainable: bool = False, name: str = "backbone"):
+    """The backbone as a ``hub.KerasLayer`` named ``name`` (a tf_keras layer, Keras 2 only)."""
     import tensorflow_hub as hub
 
-    return hub.KerasLayer(local_handle(spec.handle), trainable=trainable, name="backbone")
+    return hub.KerasLayer(local_handle(spec.handle), trainable=trainable, name=name)
 
 
 def _first_line(e: BaseException) -> str:

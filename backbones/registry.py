@@ -13,7 +13,14 @@ import dataclasses
 import os
 from collections.abc import Callable
 
-from schemas.backbones import BUILTIN_SCHEME, BackboneSpec
+from schemas.backbones import (
+    BACKBONE_SEPARATOR,
+    BUILTIN_SCHEME,
+    BackboneSpec,
+    builtin_name,
+    concat_handle,
+    is_builtin,
+)
 
 # Chosen from measurements on real data (README, "Which EfficientNet-Lite preset"): with the
 # trainer's default head, Lite2 scored 0.960 on hymenoptera with 10 labels per class (mean of 5
@@ -82,18 +89,64 @@ def resolve(value: str, image_size: int | None = None) -> BackboneSpec:
     """Maps a ``--backbone`` value to a spec; the input size may still be unknown (0).
 
     Args:
-      value: a preset name, a Hub/Kaggle handle URL, or a SavedModel path (local or gs://).
+      value: a preset name, a Hub/Kaggle handle URL, or a SavedModel path (local or gs://); or
+        several of them joined by commas, for a composite backbone (:func:`resolve_composite`).
       image_size: ``--image_size``; overrides the preset's size and is used for handles whose
         signature does not fix one.
 
     Raises:
-      ValueError: for an unknown preset name.
+      ValueError: for an unknown preset name, naming the flag.
     """
+    if BACKBONE_SEPARATOR in value:
+        return resolve_composite(value, image_size)
     if value in _PRESETS or not is_handle(value):
         spec = get(value).spec
         return dataclasses.replace(spec, image_size=image_size) if image_size else spec
     handle = value if "://" in value else os.path.abspath(value)
     return BackboneSpec(name=value, handle=handle, image_size=image_size or 0)
+
+
+def resolve_composite(value: str, image_size: int | None = None) -> BackboneSpec:
+    """The composite backbone of ``a,b[,...]``: each part's features, concatenated in order.
+
+    Its input size is the largest part's (a part with an unknown size, a handle not yet probed,
+    leaves it 0 until :func:`backbones.hub.describe`); each part keeps its own.
+
+    Raises:
+      ValueError: naming ``--backbone`` (an empty or repeated part, an unknown preset) or
+        ``--image_size``, which a composite does not take.
+    """
+    names = [part.strip() for part in value.split(BACKBONE_SEPARATOR)]
+    if not all(names):
+        raise ValueError(f"--backbone {value!r}: an empty backbone name between the commas")
+    if image_size:
+        raise ValueError(
+            f"--image_size {image_size}: a composite backbone ({value}) runs each part at its "
+            "own input size; drop --image_size"
+        )
+    parts = tuple(resolve(name) for name in names)
+    handles = [part.handle for part in parts]
+    repeated = sorted(
+        {name for name, h in zip(names, handles, strict=True) if handles.count(h) > 1}
+    )
+    if repeated:
+        raise ValueError(f"--backbone {value!r}: {', '.join(repeated)} given more than once")
+    sizes = [part.image_size for part in parts]
+    dims = [part.embedding_dim for part in parts]
+    return BackboneSpec(
+        name=BACKBONE_SEPARATOR.join(names),
+        handle=concat_handle(handles),
+        image_size=max(sizes) if all(sizes) else 0,
+        embedding_dim=sum(dims) if all(dims) else None,
+        parts=parts,
+    )
+
+
+def for_handle(handle: str) -> BackboneSpec:
+    """The spec of a resolved part handle: a built-in's preset, else the handle unsized."""
+    if is_builtin(handle):
+        return get(builtin_name(handle)).spec
+    return BackboneSpec(name=handle, handle=handle, image_size=0)
 
 
 # ---------------------------------------------------------------------------------------------

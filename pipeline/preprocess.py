@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--backbone",
         default=registry.DEFAULT_BACKBONE,
-        help="preset name, TF-Hub handle URL or SavedModel path "
+        help="preset name, TF-Hub handle URL or SavedModel path, or several joined by commas "
+        "(features concatenated) "
         f"(default {registry.DEFAULT_BACKBONE}: ImageNet weights, built offline)",
     )
     parser.add_argument(
@@ -332,10 +333,15 @@ def resolve(config: Config, inputs: Inputs, beam_args: Sequence[str] = (), dry_r
         )
     try:
         spec = registry.resolve(config.backbone, config.image_size)
-        if dry_run and not (is_builtin(spec.handle) or remote.is_local_path(spec.handle)):
+        online = [
+            h
+            for h in ([p.handle for p in spec.parts] or [spec.handle])
+            if not (is_builtin(h) or remote.is_local_path(h))
+        ]
+        if dry_run and online:
             raise UsageError(
                 f"--backbone: a dry run loads the backbone offline to size the job; "
-                f"{spec.handle} needs the network (give a local copy or a built-in preset)"
+                f"{online[0]} needs the network (give a local copy or a built-in preset)"
             )
         # The sizes recorded by an earlier probe of the same files, else a probe (seconds).
         spec, digest = hub.describe(spec)

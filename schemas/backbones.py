@@ -17,6 +17,14 @@ VALUE_RANGE = (0.0, 1.0)
 # handle names the recipe, and each machine resolves it to its own cache path.
 BUILTIN_SCHEME = "hubflow-builtin://"
 
+# Several backbones at once (``--backbone a,b``): one composite backbone whose features are the
+# parts' features concatenated in the order given. Each part sees the composite's input resized
+# to its own input size (bilinear; the composite's input is the largest part's). Its handle
+# lists the parts' handles, ``hubflow-concat://<handle>,<handle>``; each machine builds the
+# composite SavedModel from the parts into its own cache (backbones.composite).
+BACKBONE_SEPARATOR = ","
+CONCAT_SCHEME = "hubflow-concat://"
+
 # How preprocessing runs the backbone (``--inference_runtime``). The manifest records the runtime
 # actually used, tensorflow or tflite; ``auto`` picks one per job.
 RUNTIME_AUTO = "auto"
@@ -35,6 +43,8 @@ class BackboneSpec:
       image_size: square input side in pixels.
       embedding_dim: feature-vector length, or None until the model has been probed.
       value_range: range of the float input values.
+      parts: for a composite backbone (``--backbone a,b``), the backbones whose features it
+        concatenates, in order; empty for a single backbone.
     """
 
     name: str
@@ -42,15 +52,30 @@ class BackboneSpec:
     image_size: int
     embedding_dim: int | None = None
     value_range: tuple[float, float] = VALUE_RANGE
+    parts: tuple[BackboneSpec, ...] = ()
+
+    def feature_ranges(self) -> list[tuple[str, int, int]]:
+        """``(part name, start, end)`` of each part's features in the embedding; one entry
+        covering all of it for a single backbone."""
+        if not self.parts:
+            return [(self.name, 0, self.embedding_dim or 0)]
+        ranges, start = [], 0
+        for part in self.parts:
+            ranges.append((part.name, start, start + (part.embedding_dim or 0)))
+            start += part.embedding_dim or 0
+        return ranges
 
     def to_json(self) -> dict:
-        return {
+        data = {
             "name": self.name,
             "handle": self.handle,
             "image_size": self.image_size,
             "embedding_dim": self.embedding_dim,
             "value_range": list(self.value_range),
         }
+        if self.parts:
+            data["parts"] = [part.to_json() for part in self.parts]
+        return data
 
     @classmethod
     def from_json(cls, data: dict) -> BackboneSpec:
@@ -60,6 +85,7 @@ class BackboneSpec:
             image_size=int(data["image_size"]),
             embedding_dim=data.get("embedding_dim"),
             value_range=tuple(data.get("value_range", VALUE_RANGE)),
+            parts=tuple(cls.from_json(part) for part in data.get("parts", ())),
         )
 
 
@@ -71,3 +97,18 @@ def is_builtin(handle: str) -> bool:
 def builtin_name(handle: str) -> str:
     """``efficientnet_lite0`` for ``hubflow-builtin://efficientnet_lite0``."""
     return handle[len(BUILTIN_SCHEME) :]
+
+
+def is_concat(handle: str) -> bool:
+    """True for a composite backbone's handle (``hubflow-concat://<handle>,<handle>``)."""
+    return handle.startswith(CONCAT_SCHEME)
+
+
+def concat_handle(handles: list[str]) -> str:
+    """The composite handle of ``handles``, in order."""
+    return CONCAT_SCHEME + BACKBONE_SEPARATOR.join(handles)
+
+
+def concat_parts(handle: str) -> list[str]:
+    """The part handles of a composite handle, in order."""
+    return handle[len(CONCAT_SCHEME) :].split(BACKBONE_SEPARATOR)

@@ -14,6 +14,7 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
+from backbones import composite
 from backbones.hub import keras_layer
 from schemas import serving
 from schemas.backbones import BackboneSpec
@@ -175,22 +176,35 @@ def _layer_of(variable: tf.Variable) -> str:
     return name.rsplit("/", 1)[0] if "/" in name else re.sub(r"_\d+$", "", name)
 
 
+def backbone_layers(model: tf_keras.Model) -> list[tf_keras.layers.Layer]:
+    """The model's backbone layers: ``backbone``, or one ``backbone_<i>`` per part of a
+    composite backbone (:func:`fine_tune_model`)."""
+    return [
+        layer
+        for layer in model.layers
+        if layer.name == "backbone" or re.fullmatch(r"backbone_\d+", layer.name)
+    ]
+
+
 def frozen_backbone_variables(model: tf_keras.Model, top_layers: int) -> list[tf.Variable]:
     """Backbone variables to keep frozen when only the top ``top_layers`` layers are tuned.
 
     Layers are the backbone's variable groups in creation order (input side first); 0 = tune all.
+    A composite backbone's parts each tune their own top ``top_layers`` layers.
     """
-    backbone = model.get_layer("backbone")
-    variables = list(backbone.trainable_weights)
     if top_layers <= 0:
         return []
-    order: list[str] = []
-    for v in variables:
-        layer = _layer_of(v)
-        if layer not in order:
-            order.append(layer)
-    tuned = set(order[-top_layers:])
-    return [v for v in variables if _layer_of(v) not in tuned]
+    frozen: list[tf.Variable] = []
+    for backbone in backbone_layers(model):
+        variables = list(backbone.trainable_weights)
+        order: list[str] = []
+        for v in variables:
+            layer = _layer_of(v)
+            if layer not in order:
+                order.append(layer)
+        tuned = set(order[-top_layers:])
+        frozen += [v for v in variables if _layer_of(v) not in tuned]
+    return frozen
 
 
 class PartiallyFrozenModel(tf_keras.Model):
@@ -212,16 +226,39 @@ class PartiallyFrozenModel(tf_keras.Model):
 
 
 def fine_tune_model(spec: BackboneSpec, head: tf_keras.Model, config: TrainConfig):
-    """The image classifier with the backbone unfrozen (its top ``fine_tune_layers`` layers)."""
+    """The image classifier with the backbone unfrozen (its top ``fine_tune_layers`` layers).
+
+    A composite backbone (``--backbone a,b``) is stitched from its parts here, one layer per
+    part (``backbone_<i>``), so that each part's top layers can be told apart and tuned; the
+    features are those of the composite SavedModel (:func:`backbones.composite.stitch`).
+    """
     inputs = tf_keras.Input([spec.image_size, spec.image_size, 3], name="image")
-    backbone = keras_layer(spec, trainable=True)
-    outputs = head(backbone(inputs, training=False))
+    if spec.parts:
+        layers = [
+            keras_layer(part, trainable=True, name=f"backbone_{i}")
+            for i, part in enumerate(spec.parts)
+        ]
+        features = composite.stitch(
+            inputs,
+            [
+                (_inference_mode(layer), part.image_size)
+                for layer, part in zip(layers, spec.parts, strict=True)
+            ],
+        )
+    else:
+        layers = [keras_layer(spec, trainable=True)]
+        features = layers[0](inputs, training=False)
+    outputs = head(features)
     probe = tf_keras.Model(inputs, outputs)
     frozen = frozen_backbone_variables(probe, config.fine_tune_layers)
     model = PartiallyFrozenModel(inputs, outputs, frozen=frozen, name="fine_tune")
-    tuned = len(backbone.trainable_weights) - len(frozen)
-    _LOGGER.info("fine-tuning %d of %d backbone variables", tuned, len(backbone.trainable_weights))
+    total = sum(len(layer.trainable_weights) for layer in layers)
+    _LOGGER.info("fine-tuning %d of %d backbone variables", total - len(frozen), total)
     return model
+
+
+def _inference_mode(layer):
+    return lambda x: layer(x, training=False)
 
 
 def loss(num_classes: int, label_smoothing: float):
