@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m benchmarks.backbones [--work_dir DIR] [--presets lite0,lite1,lite2]
+    python -m benchmarks.backbones [--work_dir DIR] [--presets lite0,lite1,lite2,lite0+lite2]
                                    [--datasets hymenoptera,catsdogs] [--seeds 42,7,1]
                                    [--raw_seconds 12] [--skip_raw] [--startup_n 4]
                                    [--reuse_data]
@@ -65,7 +65,10 @@ from benchmarks.common import SHARED_DATA, BenchmarkError
 from schemas.csv_format import SPLITS
 
 RESULTS_FILE = "backbones_benchmark.json"
-PRESETS = ("lite0", "lite1", "lite2")
+# "lite0+lite2": both at once (--backbone efficientnet_lite0,efficientnet_lite2), features
+# concatenated; not in the default list.
+PRESETS = ("lite0", "lite1", "lite2", "lite0+lite2")
+DEFAULT_PRESETS = ("lite0", "lite1", "lite2")
 BASELINE = "lite0"
 RAW_ROUNDS = 3
 # name -> (data dir, folder -> split pinned in the CSV; "" = hashed by the job)
@@ -77,8 +80,9 @@ JOB_FLAGS = ("--eval_fraction=0.2", "--test_fraction=0")
 
 
 def preset_name(preset: str) -> str:
-    """``lite1`` -> the ``--backbone`` preset ``efficientnet_lite1``."""
-    return f"efficientnet_{preset}"
+    """``lite1`` -> the ``--backbone`` preset ``efficientnet_lite1``; ``lite0+lite2`` -> the
+    composite ``efficientnet_lite0,efficientnet_lite2``."""
+    return ",".join(f"efficientnet_{part}" for part in preset.split("+"))
 
 
 def write_startup_csv(data_dir: str, path: str, per_label: int) -> int:
@@ -319,7 +323,12 @@ def _non_negative(value: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work_dir", default="/tmp/hubflow-backbones-benchmark")
-    p.add_argument("--presets", type=_names(PRESETS), default=list(PRESETS))
+    p.add_argument(
+        "--presets",
+        type=_names(PRESETS),
+        default=list(DEFAULT_PRESETS),
+        help=f"comma-separated, from {', '.join(PRESETS)} (default: the first three)",
+    )
     p.add_argument("--datasets", type=_names(tuple(DATASETS)), default=list(DATASETS))
     p.add_argument(
         "--seeds", type=common.int_list, default=[42, 7, 1], help="trainer seeds (default 42,7,1)"
