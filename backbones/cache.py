@@ -141,6 +141,34 @@ def local_handle(handle: str) -> str:
     )
 
 
+def save_into_place(model, path: str, files: dict[str, str] | None = None) -> str:
+    """Saves ``model`` with ``tf.saved_model.save``, plus ``files`` (name -> text) beside its
+    files, to a temp dir next to ``path`` and renames it to ``path``, so ``path`` never holds a
+    partial model: what a builder of :func:`build_once` must do.
+
+    Raises:
+      ValueError: ``path`` already exists.
+    """
+    import tensorflow as tf
+
+    path = os.path.abspath(path)
+    if os.path.exists(path):
+        raise ValueError(f"{path} already exists; remove it or choose another directory")
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    try:
+        tf.saved_model.save(model, tmp)
+        for name, text in (files or {}).items():
+            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+                f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
 def build_once(
     entry_name: str,
     build: Callable[[str], object],

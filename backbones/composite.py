@@ -24,8 +24,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 
 import tensorflow as tf
@@ -60,12 +58,18 @@ def stitch(images, parts: Sequence[tuple[Callable, int]]):
     return tf_keras.layers.Concatenate(name="features")(features)
 
 
-def save(path: str, parts: Sequence[tuple[str, int]], image_size: int) -> str:
+def save(
+    path: str,
+    parts: Sequence[tuple[str, int]],
+    image_size: int,
+    files: dict[str, str] | None = None,
+) -> str:
     """Writes the composite of the part SavedModels ``(directory, input size)`` to ``path``.
 
     It loads with ``hub.load`` (its signature fixes the input size) and with
     ``hub.KerasLayer(path, trainable=True)``: the parts' trainable and batch-norm variables come
-    through. Written to a temp dir beside ``path`` and renamed into place.
+    through. Written with ``files`` (name -> text) to a temp dir beside ``path`` and renamed into
+    place (:func:`backbones.cache.save_into_place`).
     """
     import tensorflow_hub as hub_lib
     import tf_keras
@@ -76,15 +80,7 @@ def save(path: str, parts: Sequence[tuple[str, int]], image_size: int) -> str:
         for i, (directory, size) in enumerate(parts)
     ]
     model = tf_keras.Model(inputs, stitch(inputs, layers), name="composite")
-    parent, base = os.path.split(os.path.abspath(path))
-    tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
-    try:
-        tf.saved_model.save(model, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+    return cache.save_into_place(model, path, files)
 
 
 def local_path(handle: str) -> str:
@@ -118,9 +114,8 @@ def local_path(handle: str) -> str:
     name = f"concat-{hashlib.sha256(key.encode()).hexdigest()[:24]}"
 
     def build(path: str) -> None:
-        save(path, [(hub.model_dir(part), part.image_size) for part, _ in parts], size)
-        with open(os.path.join(path, RECORD_FILE), "w", encoding="utf-8") as f:
-            json.dump(recorded, f, indent=2)
+        part_dirs = [(hub.model_dir(part), part.image_size) for part, _ in parts]
+        save(path, part_dirs, size, {RECORD_FILE: json.dumps(recorded, indent=2)})
         cache.prune_orphans(os.path.dirname(path), RECORD_FILE)
 
     def check(path: str) -> str | None:

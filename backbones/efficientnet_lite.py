@@ -28,15 +28,13 @@ import importlib
 import logging
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 
 import numpy as np
 import tensorflow as tf
 import tf_keras
 
-from backbones import torch_pickle
+from backbones import cache, torch_pickle
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -407,18 +405,9 @@ def save_hub_module(path: str, variant: str = DEFAULT_VARIANT) -> str:
       ValueError: ``path`` already exists; an unknown ``variant``.
     """
     spec = get_variant(variant)
-    path = os.path.abspath(path)
     if os.path.exists(path):
         raise ValueError(f"{path} already exists; remove it or choose another directory")
     model = build_feature_extractor(load_torch_weights(variant), variant)
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
-    try:
-        tf.saved_model.save(model, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    path = cache.save_into_place(model, path)
     _LOGGER.info("saved %s feature-vector module to %s", spec.title, path)
     return path
