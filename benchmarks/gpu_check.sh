@@ -9,11 +9,12 @@
 # What it runs, with no download (the default backbone is built from its pip weights package
 # into $HUBFLOW_CACHE; the images are synthetic photos generated here):
 #   1. what the machine has: `nvidia-smi -L`, TensorFlow's GPUs, CPU count;
-#   2. `python -m benchmarks.preprocess` on the built-in default backbone: the raw backbone in
-#      TensorFlow at batch sizes 32/64/128 on pre-made tensors (the reference; `auto` picks
-#      TensorFlow, not TFLite, on GPU), then the real job on GPU_CHECK_N (default 2000) images
-#      plus a 20-image start-up run, with the raw best batch size. Its summary prints the job's
-#      steady rate as a ratio of the raw backbone's best, both measured in this run.
+#   2. `python -m benchmarks.preprocess` on the built-in default backbone, efficientnet_lite2:
+#      the raw backbone in TensorFlow at batch sizes 32/64/128 on pre-made tensors (the
+#      reference; `auto` picks TensorFlow, not TFLite, on GPU), then the real job on GPU_CHECK_N
+#      (default 2000) images plus a 20-image start-up run, with the raw best batch size. Its
+#      summary prints the job's steady rate as a ratio of the raw backbone's best, both
+#      measured in this run.
 # Every step runs under `timeout`, so the whole check ends within GPU_CHECK_BUDGET_S (default
 # 460) seconds; a step that runs out is reported as such, with what it had printed.
 set -uo pipefail
@@ -51,7 +52,7 @@ fi
 echo "-- raw backbone and the job ($(left) s left)"
 timeout --kill-after=10 "$(left)" "$PYTHON" -m benchmarks.preprocess \
   --work_dir "$WORK_DIR" \
-  --backbone efficientnet_lite0 \
+  --backbone efficientnet_lite2 \
   --sizes "$N" \
   --batch_sizes 32,64,128 \
   --seconds 6 \
