@@ -127,6 +127,7 @@ def runs(tmp_path_factory):
                     "--test_fraction=0.2",
                 ]
             )
+        outs["images"], outs["backbone"] = str(images), f"{a},{b}"
         yield outs
     finally:
         os.environ.pop("HUBFLOW_CACHE", None)
@@ -159,6 +160,28 @@ def test_preprocess_with_two_backbones_stores_both_features_and_records_the_part
         np.testing.assert_allclose(both, np.concatenate([a[sha], b[sha]]), atol=1e-4)
     # The same hash-based splits as a single backbone's run.
     assert manifest.splits == manifest_lib.read_manifest(runs["a"]).splits
+
+
+@pytest.mark.slow
+def test_a_rerun_with_the_same_parts_reuses_every_composite_record(runs, tmp_path):
+    out = tmp_path / "again"
+    preprocess.run(
+        [
+            f"--image_dir={runs['images']}",
+            f"--output_dir={out}",
+            f"--backbone={runs['backbone']}",
+            f"--reuse_from={runs['ab']}",
+            "--eval_fraction=0.2",
+            "--test_fraction=0.2",
+        ]
+    )
+    manifest = manifest_lib.read_manifest(str(out))
+    assert manifest.reuse == manifest_lib.Reuse(runs["ab"], 48, "")
+    before = _embeddings(runs["ab"])
+    again = _embeddings(str(out))
+    assert set(again) == set(before)
+    for sha, embedding in again.items():
+        np.testing.assert_array_equal(embedding, before[sha])
 
 
 @pytest.mark.slow
