@@ -264,3 +264,38 @@ def test_preprocess_refuses_a_composite_it_cannot_build_in_one_line(
     assert preprocess.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and needle in err, err
+
+
+def test_a_dry_run_names_the_part_that_needs_the_network(tiny_backbone, no_gcs, capsys):
+    from tests.test_remote import DATAFLOW
+
+    handle = "https://tfhub.dev/google/imagenet/mobilenet_v2_100_224/feature_vector/5"
+    argv = [
+        "--input_csv=gs://my-bucket/a.csv",
+        "--output_dir=gs://my-bucket/out",
+        f"--backbone={tiny_backbone},{handle}",
+        *DATAFLOW,
+    ]
+    assert preprocess.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("hubflow-preprocess: error: --backbone: a dry run") and handle in err
+    assert "\n" not in err
+
+
+@pytest.mark.slow
+def test_a_dataflow_dry_run_stages_the_composite_as_one_backbone(parts, no_gcs, capsys):
+    from tests.test_remote import DATAFLOW, STAGED
+
+    big, small = parts
+    argv = [
+        "--input_csv=gs://my-bucket/a.csv",
+        "--output_dir=gs://my-bucket/out",
+        f"--backbone={big},{small}",
+        *DATAFLOW,
+    ]
+    assert preprocess.main(argv) == 0
+    text = capsys.readouterr().out
+    staged = [line for line in text.splitlines() if "would be staged" in line]
+    backbone = [line for line in staged if line.strip().startswith("--backbone")]
+    assert len(backbone) == 1 and STAGED.search(backbone[0]), text
+    assert "composite" in backbone[0]  # the composite's cache entry, not a part
