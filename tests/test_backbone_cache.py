@@ -12,6 +12,7 @@ import os
 import shutil
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -291,3 +292,25 @@ def test_pruning_deletes_only_entries_of_local_backbones_that_are_gone(tmp_path)
         assert (folder / f"{path.name}{cache.RECORD_SUFFIX}").exists()
     assert (unreadable / "record.json").exists() and (folder / "notes.txt").exists()
     assert (live / "saved_model.pb").read_bytes() == b"model"
+
+
+def test_a_failed_save_into_place_leaves_only_what_was_there(tmp_path, monkeypatch):
+    import tensorflow as tf
+
+    (tmp_path / "neighbour").write_text("kept")
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "saved_model.pb").write_bytes(b"earlier")
+
+    def crash(model, path):
+        (Path(path) / "saved_model.pb").write_bytes(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(tf.saved_model, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        cache.save_into_place(object(), str(tmp_path / "entry"), {"record.json": "{}"})
+    # Its own temp dir is gone, nothing is at the target, and nothing else was touched.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing", "neighbour"]
+    with pytest.raises(ValueError, match="already exists"):
+        cache.save_into_place(object(), str(existing))
+    assert (existing / "saved_model.pb").read_bytes() == b"earlier"
