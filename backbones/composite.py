@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 from collections.abc import Callable, Sequence
 
@@ -30,8 +29,6 @@ import tensorflow as tf
 
 from backbones import cache, hub, registry
 from schemas.backbones import concat_parts
-
-_LOGGER = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1  # bumped when what a composite holds, or how it is built, changes
 RECORD_FILE = "composite.json"

@@ -89,7 +89,8 @@ def existing_outputs(output_dir: str) -> list[str]:
 
 def format_summary(manifest: manifest_lib.Manifest, output_dir: str) -> str:
     """A short human summary: examples per split and label, the unlabeled split's count,
-    rejections by reason, and what an incremental run reused."""
+    rejections by reason, each part's slice of the embedding for a composite backbone, and
+    what an incremental run reused."""
     unlabeled = manifest.split_count(csv_format.UNLABELED)
     no_label = "(no label)"
     width = max([len(label) for label in manifest.labels] + [len(no_label)])
@@ -107,6 +108,9 @@ def format_summary(manifest: manifest_lib.Manifest, output_dir: str) -> str:
         f"rows: read {r.read} = written {r.written}{of_them} "
         f"+ duplicates {r.duplicates} + rejected {r.rejected}"
     )
+    if manifest.backbone.parts:
+        slices = " + ".join(f"{n} [{a}:{b}]" for n, a, b in manifest.backbone.feature_ranges())
+        lines.append(f"embedding: {slices}")
     if manifest.reuse is not None:
         reuse = manifest.reuse
         why = f": {reuse.source}: {reuse.skipped}" if reuse.skipped else f" from {reuse.source}"

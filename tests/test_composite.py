@@ -11,7 +11,7 @@ import tensorflow as tf
 
 from backbones import cache, hub, registry
 from backbones.standin import save_standin_backbone
-from pipeline import preprocess
+from pipeline import dataset, preprocess
 from schemas import csv_format, features, serving
 from schemas import manifest as manifest_lib
 from schemas.backbones import BackboneSpec, concat_parts, is_concat
@@ -153,6 +153,10 @@ def test_preprocess_with_two_backbones_stores_both_features_and_records_the_part
         (os.path.join(os.path.dirname(runs["a"]), "b"), 8),
     ]
     assert backbone.feature_ranges()[1][1:] == (16, 24)
+    # The job's summary says which slice of the embedding each backbone wrote.
+    summary = dataset.format_summary(manifest, runs["ab"]).splitlines()
+    part_a, part_b = (p.name for p in backbone.parts)
+    assert f"embedding: {part_a} [0:16] + {part_b} [16:24]" in summary
     assert manifest.rows.balanced() and manifest.rows.written == 48
     a, b, ab = (_embeddings(runs[k]) for k in ("a", "b", "ab"))
     assert set(ab) == set(a) == set(b)
