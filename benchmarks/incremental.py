@@ -32,7 +32,7 @@ Method (one run prints every figure):
    image (its key), the header check of every image, the full decode that validates an image
    (a full run does it for every image, an incremental one for the new ones), reading the
    earlier dataset's records twice (the index of their sha256, then the stored values),
-   building and GZIP-writing the output records. With the new images' full per-image cost (the
+   building and writing the output records. With the new images' full per-image cost (the
    full run's steady CPU per image), their sum is what the incremental run's steady CPU should
    be; the rest is Beam's per-element work and its shuffles.
 
@@ -243,7 +243,9 @@ def stage_costs(paths: Sequence[str], new_paths: Sequence[str], base_dir: str) -
                 ).SerializeToString()
                 for s in stored
             )
-            return sinks.write_tfrecords(os.path.join(tmp, "t.tfrecord.gz"), examples)
+            return sinks.write_tfrecords(
+                os.path.join(tmp, f"t{features.TFRECORD_SUFFIX}"), examples
+            )
 
     def reencode_new() -> int:
         for path in new_paths:
@@ -257,7 +259,7 @@ def stage_costs(paths: Sequence[str], new_paths: Sequence[str], base_dir: str) -
         ("full_validation_all", validate),
         ("index_previous", index_previous),
         ("read_parse_stored", read_stored),
-        ("build_gzip_write_stored", write_records),
+        ("build_write_stored", write_records),
         ("reencode_new", reencode_new),
     ):
         seconds, count = _cpu(fn)
@@ -302,7 +304,7 @@ def summarise(results: dict) -> None:
         "full_validation_new": stages["full_validation_all"]["cpu_s"] * k / n,
         "index_previous (read 1)": stages["index_previous"]["cpu_s"],
         "read_parse_stored (read 2)": stages["read_parse_stored"]["cpu_s"],
-        "build_gzip_write_stored": stages["build_gzip_write_stored"]["cpu_s"],
+        "build_write_stored": stages["build_write_stored"]["cpu_s"],
         "new images, full run's steady CPU each": full_steady_cpu_per_image * k,
     }
     results["incremental_steady_cpu_model"] = {key: round(v, 2) for key, v in expected.items()}

@@ -32,7 +32,7 @@ Method (one run prints every figure; all inputs are built offline and cached in 
    the MNIST stand-in dataset, 32-d) and on the 1280-d cats-vs-dogs embeddings; the latter split is
    tiny, so its dataset is repeated (``.repeat()`` after batching, whole passes per epoch) to get
    about 8,000 examples per timed epoch. For reference, the same input pipeline is iterated alone
-   (no model): when its rate is close to the fit rate, reading the records (GZIP TFRecords that
+   (no model): when its rate is close to the fit rate, reading the records (TFRecords that
    also hold the JPEG bytes) is the bottleneck, not the head.
 2. **Image-mode throughput.** Same approach with ``--features image`` (batch 32, frozen MobileNetV2
    via ``hub.KerasLayer`` + head, images decoded from the stored JPEGs every epoch), without and
@@ -632,7 +632,7 @@ def format_report(results: dict) -> str:
                 f"{r['input_pipeline_examples_per_s']:8.0f}"
             )
         lines.append(
-            "  pipeline = examples/s of the training input pipeline alone (GZIP TFRecord read + "
+            "  pipeline = examples/s of the training input pipeline alone (TFRecord read + "
             "parse; no model)"
         )
     image = results.get("image")

@@ -54,6 +54,8 @@ def preprocess(name: str, k: int, args, work_dir: str) -> dict:
     )
     common.log(f"  job: {shlex.join(command)}")
     run = common.run_logged(command, os.path.join(work_dir, "logs", f"preprocess_{name}_k{k}.log"))
+    from schemas import features
+
     manifest = common.read_manifest(output_dir)
     splits = common.split_counts(manifest, output_dir)
     written = manifest["rows"]["written"]
@@ -72,7 +74,7 @@ def preprocess(name: str, k: int, args, work_dir: str) -> dict:
         "bytes": sum(
             os.path.getsize(os.path.join(output_dir, f))
             for f in os.listdir(output_dir)
-            if f.endswith(".tfrecord.gz")
+            if f.endswith(features.TFRECORD_SUFFIX)
         ),
     }
 

@@ -45,9 +45,12 @@ VERSIONED_PACKAGES = (
 
 
 def shard_patterns(directory: str) -> list[str]:
-    """Globs of the TFRecord shards of every split (the unlabeled one too) in ``directory``."""
+    """Globs of the TFRecord shards of every split (the unlabeled one too) in ``directory``,
+    the GZIP shards an older version wrote included: ``--overwrite`` replaces them too."""
     return [
-        FileSystems.join(directory, features.tfrecord_pattern(s)) for s in csv_format.ALL_SPLITS
+        FileSystems.join(directory, pattern)
+        for split in csv_format.ALL_SPLITS
+        for pattern in features.tfrecord_patterns(split)
     ]
 
 

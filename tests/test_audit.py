@@ -76,7 +76,7 @@ class Builder:
             if not members:
                 continue
             shard = os.path.join(path, f"{split}-00000-of-00001{features.TFRECORD_SUFFIX}")
-            with tf.io.TFRecordWriter(shard, options=features.TFRECORD_COMPRESSION) as writer:
+            with tf.io.TFRecordWriter(shard) as writer:
                 for r in members:
                     label = r["label"]
                     text = LABELS[label] if label >= 0 else ""

@@ -68,9 +68,9 @@ TRAIN_FLAGS = ("--epochs=12", "--batch_size=8", "--patience=50")  # no early sto
 DATASET_LAYOUT = (
     "manifest.json",
     "labels.txt",
-    "train-*.tfrecord.gz",
-    "eval-*.tfrecord.gz",
-    "test-*.tfrecord.gz",
+    "train-*.tfrecord",
+    "eval-*.tfrecord",
+    "test-*.tfrecord",
     "errors-*.jsonl",
     "transform_fn",
     "transformed_metadata",
@@ -330,11 +330,11 @@ def _labels(path: Path) -> list[str]:
 
 
 def _records(directory: Path, split: str) -> list[tuple[str, str, int]]:
-    """(sha256, label text, label index) of every record of a split's GZIP shards."""
-    files = sorted(glob.glob(str(directory / f"{split}-*.tfrecord.gz")))
+    """(sha256, label text, label index) of every record of a split's shards."""
+    files = sorted(glob.glob(str(directory / f"{split}-*.tfrecord")))
     rows = []
     if files:
-        for raw in tf.data.TFRecordDataset(files, compression_type="GZIP"):
+        for raw in tf.data.TFRecordDataset(files):
             feature = tf.train.Example.FromString(raw.numpy()).features.feature
             rows.append(
                 (
@@ -643,7 +643,7 @@ def test_preprocess_killed_at_each_phase_never_shows_a_wrong_dataset_and_reruns_
     # shards are written. The previous dataset stays, byte for byte, until the new one is done.
     kills = [
         after(schedule.uniform(0.3, 0.95) * baseline_dataset.seconds),
-        when("staging shards under --overwrite", staging / "*-of-*.tfrecord.gz"),
+        when("staging shards under --overwrite", staging / "*-of-*.tfrecord"),
     ]
     for kill in kills:
         before = digest_tree(layout_paths(out, DATASET_LAYOUT), out)

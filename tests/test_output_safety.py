@@ -189,11 +189,11 @@ def test_failed_overwrite_keeps_the_previous_dataset_and_a_good_one_replaces_it(
     out = tmp_path / "data"
     assert _preprocess(images, out, tiny_backbone) == 0
     (out / "NOTES.txt").write_text("mine")
-    before = {p: (out / p).read_bytes() for p in os.listdir(out) if p.endswith(".gz")}
+    before = {p: (out / p).read_bytes() for p in os.listdir(out) if p.endswith(".tfrecord")}
     manifest = manifest_lib.read_manifest(str(out))
 
     def crash(build, beam_args, test_pipeline=None):
-        (out / staging.STAGING_DIR / "train-00000-of-00001.tfrecord.gz").write_bytes(b"half")
+        (out / staging.STAGING_DIR / "train-00000-of-00001.tfrecord").write_bytes(b"half")
         raise RuntimeError("worker lost")
 
     monkeypatch.setattr(cli, "run_pipeline", crash)

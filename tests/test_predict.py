@@ -297,8 +297,8 @@ def test_predict_sends_the_model_what_preprocessing_stored_for_every_format(
         ]
     )
     stored = {}
-    for path in glob.glob(str(stored_dir / "train-*.tfrecord.gz")):
-        for record in tf.data.TFRecordDataset(path, compression_type="GZIP"):
+    for path in glob.glob(str(stored_dir / "train-*.tfrecord")):
+        for record in tf.data.TFRecordDataset(path):
             example = tf.train.Example.FromString(record.numpy()).features.feature
             source = example["image/source"].bytes_list.value[0].decode()
             stored[os.path.basename(source)] = example["image/encoded"].bytes_list.value[0]

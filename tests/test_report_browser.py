@@ -351,8 +351,8 @@ def trained(tmp_path):
     for split, shards, per_shard in (("train", 1, 6), ("eval", 1, 6), ("test", 2, 9)):
         files[split] = []
         for shard in range(shards):
-            path = data_dir / f"{split}-{shard:05d}-of-{shards:05d}.tfrecord.gz"
-            with tf.io.TFRecordWriter(str(path), features.TFRECORD_COMPRESSION) as writer:
+            path = data_dir / f"{split}-{shard:05d}-of-{shards:05d}{features.TFRECORD_SUFFIX}"
+            with tf.io.TFRecordWriter(str(path)) as writer:
                 for n in range(per_shard):
                     true = n % 3
                     guess = (true + 1) % 3 if split == "test" and n in (1, 5 + shard) else true

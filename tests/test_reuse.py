@@ -252,8 +252,8 @@ def _doctor(source, target, dim):
         doubled.append(reuse.parse_stored(records[i]).sha256)
     target.mkdir()
     shutil.copy(source / manifest_lib.MANIFEST_FILE, target / manifest_lib.MANIFEST_FILE)
-    sinks.write_tfrecords(str(target / "train-00000-of-00002.tfrecord.gz"), records[:half])
-    cut = target / "unlabeled-00000-of-00001.tfrecord.gz"
+    sinks.write_tfrecords(str(target / "train-00000-of-00002.tfrecord"), records[:half])
+    cut = target / "unlabeled-00000-of-00001.tfrecord"
     sinks.write_tfrecords(str(cut), records[half:])
     cut.write_bytes(cut.read_bytes()[: cut.stat().st_size * 2 // 3])
     readable = []
@@ -309,7 +309,7 @@ def test_a_dir_that_is_not_a_hubflow_dataset_is_refused_in_one_line(
 ):
     previous = tmp_path / "previous"
     previous.mkdir()
-    (previous / "train-00000-of-00001.tfrecord.gz").write_bytes(b"")
+    (previous / "train-00000-of-00001.tfrecord").write_bytes(b"")
     if content is not None:
         (previous / manifest_lib.MANIFEST_FILE).write_text(content)
     images = tmp_path / "images"
@@ -320,7 +320,7 @@ def test_a_dir_that_is_not_a_hubflow_dataset_is_refused_in_one_line(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("hubflow-preprocess: error: --reuse_from: ")
     assert str(previous) in err[0]
-    assert not glob.glob(str(tmp_path / "out" / "*.tfrecord.gz"))
+    assert not glob.glob(str(tmp_path / "out" / "*.tfrecord"))
 
 
 def test_dry_run_names_a_remote_reuse_from_and_reads_nothing_of_it(
@@ -413,7 +413,7 @@ def test_manifests_without_the_new_fields_still_read_and_reuse_round_trips():
 def test_rows_whose_shard_is_gone_fall_back_to_the_normal_path(tmp_path):
     row = Row("/d/l.csv", 1, "a.jpg,a", "/d/a.jpg", "a")
     accepted = transforms.Accepted("0" * 64, row, csv_format.TRAIN)
-    missing = str(tmp_path / "train-00000-of-00001.tfrecord.gz")
+    missing = str(tmp_path / "train-00000-of-00001.tfrecord")
     out = list(reuse.ReadStoredFn(16).process((missing, [accepted])))
     assert [(o.tag, o.value) for o in out] == [(reuse.FALLBACK, accepted)]
     assert list(reuse.IndexShardFn().process(missing)) == []
@@ -454,7 +454,7 @@ def test_a_record_that_is_not_an_example_is_skipped_and_the_rest_of_its_shard_re
         ).SerializeToString()
 
     first, second = "1" * 64, "2" * 64
-    shard = str(tmp_path / "train-00000-of-00001.tfrecord.gz")
+    shard = str(tmp_path / "train-00000-of-00001.tfrecord")
     sinks.write_tfrecords(shard, [example(first), b"not an example", example(second)])
     assert list(reuse.IndexShardFn().process(shard)) == [(first, shard), (second, shard)]
     rows = [Row("/d/l.csv", i, f"{i}.jpg,b", f"/d/{i}.jpg", "b") for i in (1, 2)]

@@ -1,13 +1,12 @@
-"""The job's TFRecord writer: ordinary GZIP TFRecords, faster deflate than Beam's default."""
+"""The job's TFRecord files: uncompressed shards, and the GZIP shards of older datasets read."""
 
 from __future__ import annotations
 
 import glob
-import gzip
-import zlib
 
 import apache_beam as beam
 import numpy as np
+import pytest
 import tensorflow as tf
 from apache_beam.testing.test_pipeline import TestPipeline
 
@@ -26,40 +25,47 @@ def _records(n: int) -> list[bytes]:
     ]
 
 
-def test_written_files_are_gzip_tfrecords_that_tf_reads(tmp_path):
+def test_job_writes_uncompressed_tfrecords_that_tf_reads(tmp_path):
     records = _records(300)
     prefix = str(tmp_path / "train")
     with TestPipeline(runner="BundleBasedDirectRunner") as p:
         _ = p | beam.Create(records) | sinks.WriteToTFRecord(prefix)
-    files = sorted(glob.glob(f"{prefix}-*{features.TFRECORD_SUFFIX}"))
-    assert files
-    read = [
-        r.numpy()
-        for r in tf.data.TFRecordDataset(files, compression_type=features.TFRECORD_COMPRESSION)
-    ]
+    files = sorted(glob.glob(str(tmp_path / features.tfrecord_pattern("train"))))
+    assert files and all(f.endswith("-of-00001.tfrecord") for f in files)
+    assert features.tfrecord_compression(files) == ""
+    read = [r.numpy() for r in tf.data.TFRecordDataset(files)]
     assert sorted(read) == sorted(records)
-    # Compressed, and well-formed GZIP for any reader.
-    raw = b"".join(gzip.open(f).read() for f in files)
-    on_disk = sum(len(open(f, "rb").read()) for f in files)
-    assert on_disk < 0.95 * len(raw)
+    # Uncompressed: each record is on disk as it is, with 16 bytes of framing.
+    assert sum(len(open(f, "rb").read()) for f in files) == sum(len(r) + 16 for r in records)
 
 
-def test_job_setting_compresses_about_as_well_as_level_6():
-    data = b"".join(_records(400))
+def test_empty_split_writes_no_file_only_when_asked(tmp_path):
+    for skip, expected in ((True, 0), (False, 1)):
+        prefix = str(tmp_path / f"skip{skip}" / "unlabeled")
+        with TestPipeline(runner="BundleBasedDirectRunner") as p:
+            _ = (
+                p
+                | beam.Create([], reshuffle=False)
+                | sinks.WriteToTFRecord(prefix, skip_if_empty=skip)
+            )
+        assert len(glob.glob(f"{prefix}-*")) == expected
 
-    def size(level, strategy):
-        c = zlib.compressobj(level, zlib.DEFLATED, zlib.MAX_WBITS | 16, 8, strategy)
-        return len(c.compress(data) + c.flush())
 
-    assert size(sinks.GZIP_LEVEL, sinks.GZIP_STRATEGY) <= 1.05 * size(6, zlib.Z_DEFAULT_STRATEGY)
-    assert size(sinks.GZIP_LEVEL, sinks.GZIP_STRATEGY) < 0.97 * len(data)
-
-
-def test_write_tfrecords_outside_beam_reads_back_as_gzip(tmp_path):
+@pytest.mark.parametrize("suffix", [features.TFRECORD_SUFFIX, features.GZIP_TFRECORD_SUFFIX])
+def test_write_and_read_outside_beam_by_file_name(tmp_path, suffix):
     records = [f"record {i}".encode() * (i + 1) for i in range(50)]
-    path = str(tmp_path / "one.tfrecord.gz")
+    path = str(tmp_path / f"train-00000-of-00001{suffix}")
     assert sinks.write_tfrecords(path, iter(records)) == 50
     with open(path, "rb") as f:
-        assert f.read(2) == b"\x1f\x8b"  # a GZIP stream
-    back = [r.numpy() for r in tf.data.TFRecordDataset(path, compression_type="GZIP")]
-    assert back == records
+        gzip_magic = f.read(2) == b"\x1f\x8b"
+    assert gzip_magic == (suffix == features.GZIP_TFRECORD_SUFFIX)
+    assert list(sinks.read_tfrecords(path)) == records
+    compression = features.tfrecord_compression(path)
+    assert [r.numpy() for r in tf.data.TFRecordDataset(path, compression)] == records
+
+
+def test_a_mix_of_gzip_and_uncompressed_shards_is_refused_naming_both():
+    with pytest.raises(ValueError, match=r"a-0\.tfrecord and /d/b-0\.tfrecord\.gz .* one dataset"):
+        features.tfrecord_compression(["/d/a-0.tfrecord", "/d/b-0.tfrecord.gz"])
+    assert features.tfrecord_compression([]) == ""
+    assert features.tfrecord_compression(["/d/a.tfrecord.gz", "/d/b.tfrecord.gz"]) == "GZIP"

@@ -236,7 +236,7 @@ def _records(out) -> dict[str, tuple[str, tf.train.Example]]:
     found = {}
     for split in csv_format.ALL_SPLITS:
         for path in sorted(glob.glob(os.path.join(out, features.tfrecord_pattern(split)))):
-            for raw in tf.data.TFRecordDataset(path, compression_type="GZIP"):
+            for raw in tf.data.TFRecordDataset(path):
                 example = tf.train.Example.FromString(raw.numpy())
                 sha = example.features.feature[features.IMAGE_SHA256].bytes_list.value[0]
                 found[sha.decode()] = (split, example)

@@ -128,7 +128,7 @@ def _batches(paths: list[str], spec: dict, dim: int):
     """
     if not paths:
         return
-    dataset = tf.data.TFRecordDataset(paths, compression_type=features.TFRECORD_COMPRESSION)
+    dataset = tf.data.TFRecordDataset(paths, features.tfrecord_compression(paths))
     dataset = dataset.batch(READ_BATCH).map(lambda records: tf.io.parse_example(records, spec))
     iterator = iter(dataset)
     while True:

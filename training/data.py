@@ -145,7 +145,7 @@ def read_labels(files: list[str]) -> np.ndarray:
     ``schemas.features.read_dataset`` reads them) finds the same records at the same positions.
     """
     spec = {features.LABEL: features.feature_spec(1)[features.LABEL]}
-    records = tf.data.TFRecordDataset(files, compression_type=features.TFRECORD_COMPRESSION)
+    records = tf.data.TFRecordDataset(files, features.tfrecord_compression(files))
     labels = records.map(lambda r: tf.io.parse_single_example(r, spec)[features.LABEL])
     chunks = list(labels.batch(4096).as_numpy_iterator())
     return np.concatenate(chunks).astype(np.int64) if chunks else np.zeros(0, np.int64)
@@ -173,7 +173,7 @@ def _check_first_record(config: TrainConfig, manifest: manifest_lib.Manifest, pa
         features.IMAGE_ENCODED: tf.io.FixedLenFeature([], tf.string, default_value=""),
     }
     try:
-        first = next(iter(tf.data.TFRecordDataset([path], features.TFRECORD_COMPRESSION)))
+        first = next(iter(tf.data.TFRecordDataset([path], features.tfrecord_compression(path))))
         parsed = tf.io.parse_single_example(first, spec)
     except tf.errors.OpError as e:
         raise UsageError(f"corrupt TFRecord file {path}: {_one_line(e)}") from None
@@ -193,7 +193,7 @@ def _check_first_record(config: TrainConfig, manifest: manifest_lib.Manifest, pa
 def _check_views(manifest: manifest_lib.Manifest, path: str, views: int) -> None:
     """The first train record holds the ``views`` x D view embeddings the manifest promises."""
     spec = {features.EMBEDDING_VIEWS: tf.io.VarLenFeature(tf.float32)}
-    first = next(iter(tf.data.TFRecordDataset([path], features.TFRECORD_COMPRESSION)))
+    first = next(iter(tf.data.TFRecordDataset([path], features.tfrecord_compression(path))))
     size = int(tf.size(tf.io.parse_single_example(first, spec)[features.EMBEDDING_VIEWS].values))
     expected = views * manifest.backbone.embedding_dim
     if size != expected:
@@ -239,8 +239,22 @@ def fingerprint(manifest: manifest_lib.Manifest, files: dict[str, list[str]]) ->
 
 
 def split_files(data_dir: str, split: str) -> list[str]:
-    """The TFRecord shards of one split, sorted."""
-    return sorted(tf.io.gfile.glob(f"{data_dir.rstrip('/')}/{features.tfrecord_pattern(split)}"))
+    """The TFRecord shards of one split, sorted (GZIP ones of an older dataset too).
+
+    Raises:
+      UsageError: the split holds both kinds of shard (files copied in from another dataset).
+    """
+    root = data_dir.rstrip("/")
+    files = sorted(
+        path
+        for pattern in features.tfrecord_patterns(split)
+        for path in tf.io.gfile.glob(f"{root}/{pattern}")
+    )
+    try:
+        features.tfrecord_compression(files)
+    except ValueError as e:
+        raise UsageError(f"--data_dir: {e}") from None
+    return files
 
 
 def count_records(files: list[str]) -> int:
@@ -251,7 +265,7 @@ def count_records(files: list[str]) -> int:
     """
     total = 0
     for path in files:
-        dataset = tf.data.TFRecordDataset(path, compression_type=features.TFRECORD_COMPRESSION)
+        dataset = tf.data.TFRecordDataset(path, features.tfrecord_compression(path))
         try:
             total += int(dataset.reduce(np.int64(0), lambda n, _: n + 1))
         except (tf.errors.DataLossError, tf.errors.InvalidArgumentError, tf.errors.OpError) as e:
@@ -322,9 +336,9 @@ def _records(files: list[str], indices: np.ndarray | None) -> tf.data.Dataset:
     """The serialized records of ``files``; only those at ``indices`` (file order) if given."""
     if indices is None:
         return tf.data.TFRecordDataset(
-            files, compression_type=features.TFRECORD_COMPRESSION, num_parallel_reads=AUTOTUNE
+            files, features.tfrecord_compression(files), num_parallel_reads=AUTOTUNE
         )
-    records = tf.data.TFRecordDataset(files, compression_type=features.TFRECORD_COMPRESSION)
+    records = tf.data.TFRecordDataset(files, features.tfrecord_compression(files))
     keep = np.zeros(int(np.max(indices)) + 2 if len(indices) else 1, bool)
     keep[indices] = True  # the last entry stays False: it stands for every later position
     keep = tf.constant(keep)

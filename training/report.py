@@ -57,7 +57,7 @@ class TestPredictions:
 
 def _records(files: list[str], spec: Mapping[str, Any]) -> tf.data.Dataset:
     """Parsed records of ``files``, one file after the other, in file order."""
-    return tf.data.TFRecordDataset(files, compression_type=features.TFRECORD_COMPRESSION).map(
+    return tf.data.TFRecordDataset(files, features.tfrecord_compression(files)).map(
         lambda record: tf.io.parse_single_example(record, spec),
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=True,
