@@ -414,7 +414,7 @@ def build_pipeline(p: beam.Pipeline, job: Job) -> None:
             ).with_outputs(ERRORS, transforms.DUPLICATES, main="accepted")
         )
         accepted = to_encode = resolved["accepted"]
-        stored = None
+        read_stored = None
     else:
         resolved = hashed.ok | "MatchPrevious" >> reuse.MatchPrevious(
             plan.shards,
@@ -428,11 +428,10 @@ def build_pipeline(p: beam.Pipeline, job: Job) -> None:
             resolved["accepted"],
             known | "KnownRows" >> beam.Values(),
         ) | "Accepted" >> beam.Flatten()
-        read = known | "ReadStored" >> reuse.ReadStored(
-            job.backbone.embedding_dim, config.train_views, plan.views
-        )
-        to_encode = (resolved["accepted"], read[reuse.FALLBACK]) | "ToEncode" >> beam.Flatten()
-        stored = read.stored
+        # Only rows cross this flatten: the stored images are read inside EncodeAndEmbed.
+        shard_rows = known | "GroupByShard" >> reuse.GroupByShard()
+        to_encode = (resolved["accepted"], shard_rows) | "ToEncode" >> beam.Flatten()
+        read_stored = reuse.StoredReader(job.backbone.embedding_dim, config.train_views, plan.views)
     if inputs.label_dict is not None:
         labels = p | "LabelDict" >> beam.Create([list(inputs.label_dict)])
     else:
@@ -442,8 +441,7 @@ def build_pipeline(p: beam.Pipeline, job: Job) -> None:
             | "LabelVocabulary" >> analyze.LabelVocabulary()
         )
     total_accepted = accepted | "CountAccepted" >> beam.combiners.Count.Globally()
-    pass3_input = to_encode if stored is None else (to_encode, stored)
-    embedded, embed_errors = pass3_input | "EncodeAndEmbed" >> transforms.EncodeAndEmbed(
+    embedded, embed_errors = to_encode | "EncodeAndEmbed" >> transforms.EncodeAndEmbed(
         job.worker_backbone,
         config.batch_size,
         config.max_image_pixels,
@@ -454,6 +452,7 @@ def build_pipeline(p: beam.Pipeline, job: Job) -> None:
         max_file_bytes=config.max_file_bytes,
         runtime=job.runtime,
         views=config.train_views,
+        read_stored=read_stored,
     )
 
     written_files = []

@@ -29,16 +29,17 @@ The label vocabulary is known after pass 2, so pass 3 never waits on a global re
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
-from typing import NamedTuple
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, NamedTuple
 
 import apache_beam as beam
 import numpy as np
 from apache_beam.ml.inference.base import KeyedModelHandler, PredictionResult, RunInference
 from apache_beam.pvalue import TaggedOutput
+from apache_beam.utils.windowed_value import WindowedValue
 
 from pipeline import csv_rows, files, images
-from pipeline.inference import ImageEmbeddingModelHandler
+from pipeline.inference import ImageEmbeddingModelHandler, PassEmbeddedModelHandler
 from pipeline.parallel import ThreadedDoFn
 from pipeline.progress import Progress
 from pipeline.records import ERRORS, SOURCE_CSV, SOURCE_IMAGE_DIR, Row, counter, reject
@@ -273,6 +274,11 @@ class EncodeFn(ThreadedDoFn):
     (:func:`pipeline.images.backbone_pixels`). The work runs on a thread pool, overlapping the
     model. With ``views`` (``--train_views`` > 0) a train image's pixels are its centre and its
     augmented views, ``[1 + K, S, S, 3]`` (:mod:`pipeline.views`).
+
+    With ``read_stored`` (an incremental run, :class:`pipeline.reuse.StoredReader`), an element
+    that is not an :class:`Accepted` row is handed to it, on the bundle thread: it yields
+    ``(Encoded, inference.Embedded)`` pairs of images an earlier dataset stores, output as they
+    are, and the rows whose record turned out unusable, encoded as any other.
     """
 
     def __init__(
@@ -286,14 +292,28 @@ class EncodeFn(ThreadedDoFn):
         *,
         max_file_bytes: int = images.DEFAULT_MAX_FILE_BYTES,
         views: TrainViews | None = None,
+        read_stored: Callable[[Any], Iterable] | None = None,
     ):
         super().__init__(threads, max_in_flight)
+        self._read_stored = read_stored
         self._views = views if views is not None and views.count > 0 else None
         self._image_size = image_size
         self._max_pixels = max_pixels
         self._max_side = max_side
         self._quality = quality
         self._max_file_bytes = files.check_max_bytes(max_file_bytes)
+
+    def process(
+        self, element, window=beam.DoFn.WindowParam, timestamp=beam.DoFn.TimestampParam
+    ) -> Iterator:
+        if self._read_stored is None or isinstance(element, Accepted):
+            yield from super().process(element, window, timestamp)
+            return
+        for out in self._read_stored(element):
+            if isinstance(out, Accepted):  # no usable stored record: encoded after all
+                yield from super().process(out, window, timestamp)
+            else:
+                yield WindowedValue(out, timestamp, (window,))
 
     def work(self, accepted: Accepted) -> tuple[Encoded, np.ndarray] | ErrorRecord:
         row = accepted.row
@@ -420,9 +440,11 @@ class EncodeAndEmbed(beam.PTransform):
     """Accepted rows -> per-split serialized examples (``csv_format.ALL_SPLITS``), ``written``
     (and ``reused``) events, the labeled records' raw embeddings.
 
-    The input is the accepted rows, or ``(accepted, stored)`` where ``stored`` holds images an
-    earlier dataset already encoded and embedded, as ``(Encoded, PredictionResult)`` pairs
-    (:class:`pipeline.reuse.ReadStoredFn`): they join the embedded images at ``ToExample``.
+    The input is the accepted rows. In an incremental run (``read_stored``, see
+    :class:`EncodeFn`) it also holds the groups of rows whose images an earlier dataset stores:
+    their stored JPEGs and embeddings pass through ``RunInference`` unchanged
+    (:class:`~pipeline.inference.PassEmbeddedModelHandler`), so every image streams through one
+    chain of fused steps to the writers.
     """
 
     def __init__(
@@ -438,6 +460,7 @@ class EncodeAndEmbed(beam.PTransform):
         max_file_bytes: int = images.DEFAULT_MAX_FILE_BYTES,
         runtime=None,  # backbones.tflite_runtime.EmbeddingRuntime; None: TensorFlow
         views: TrainViews | None = None,
+        read_stored: Callable[[Any], Iterable] | None = None,
     ):
         super().__init__()
         self._spec = spec
@@ -452,12 +475,13 @@ class EncodeAndEmbed(beam.PTransform):
             max_in_flight=encode_in_flight(batch_size),
             max_file_bytes=max_file_bytes,
             views=views,
+            read_stored=read_stored,
         )
+        self._passes_embedded = read_stored is not None
         self._labels = labels
         self._total = total
 
-    def expand(self, inputs):
-        accepted, stored = inputs if isinstance(inputs, tuple) else (inputs, None)
+    def expand(self, accepted):
         # The labels and the accepted count (side inputs of ToExample) are computed from
         # `accepted`: without this break the runner would fuse Encode with the step producing
         # `accepted` and have to hold every embedded image until those side inputs are ready.
@@ -470,13 +494,13 @@ class EncodeAndEmbed(beam.PTransform):
         handler = ImageEmbeddingModelHandler(self._spec, self._batch_size, self._runtime)
         if self._views:  # train images come with their views, embedded in the same batches
             handler = ViewsModelHandler(handler, self._views)
+        if self._passes_embedded:
+            handler = PassEmbeddedModelHandler(handler)
         handler = KeyedModelHandler(handler)
         embedded, failed = encoded.ok | "Embed" >> RunInference(handler).with_exception_handling()
         embed_errors = failed.failed_inferences | "FailedBatches" >> beam.FlatMap(
             _failed_batch_errors
         )
-        if stored is not None:
-            embedded = (embedded, stored) | "WithStored" >> beam.Flatten()
         out = embedded | "ToExample" >> beam.ParDo(
             ToExampleFn(),
             labels=beam.pvalue.AsSingleton(self._labels),
