@@ -2,7 +2,7 @@
 
 The job writes uncompressed TFRecords (``schemas.features.TFRECORD_SUFFIX``): a hubflow record
 is a JPEG (already entropy-coded) plus a float embedding, and GZIP, even with zlib's fast
-run-length strategy, saved only 5-6% of the bytes for about 0.6 ms of CPU per record written and
+run-length strategy, saved only 5-8% of the bytes for about 0.6 ms of CPU per record written and
 0.4 ms per record read back (an incremental run reads each earlier record twice; training and
 the audit read them again). :class:`WriteToTFRecord` is Beam's TFRecord sink with one addition,
 ``skip_if_empty``. :func:`read_tfrecords` and :func:`write_tfrecords` take either kind of file,
