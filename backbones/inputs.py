@@ -2,26 +2,50 @@
 
 :func:`image_to_backbone_input` is the one definition of "decoded image -> backbone input" in
 TensorFlow, used by the exported serving model and image-mode training. The preprocessing job
-resizes with Pillow instead (``pipeline.images.backbone_pixels``, a third of the CPU, within about
+frames with Pillow instead (``pipeline.images.backbone_pixels``, a third of the CPU, within about
 1/255 of this function — a test holds it there) and scales with :func:`pixels_to_backbone_input`.
+How an image is framed (squashed, or its centre cropped) is the dataset's ``--crop_fraction``,
+which the manifest records (``Manifest.crop_fraction()``).
 """
 
 from __future__ import annotations
 
 import tensorflow as tf
 
-from schemas.backbones import VALUE_RANGE
+from schemas.backbones import CROP_SQUASH, VALUE_RANGE, crop_side
 
 
-def image_to_backbone_input(images: tf.Tensor, image_size: int) -> tf.Tensor:
+def image_to_backbone_input(
+    images: tf.Tensor, image_size: int, crop_fraction: float = CROP_SQUASH
+) -> tf.Tensor:
     """Converts decoded uint8 RGB images ``[N, H, W, 3]`` (or one ``[H, W, 3]``) to backbone input.
 
-    Scales to float32 ``[0, 1]`` and resizes (bilinear, antialiased) straight to
-    ``image_size x image_size``, as TF-Hub image modules expect.
+    Scales to float32 ``[0, 1]`` and resizes (bilinear, antialiased): with ``crop_fraction`` 0
+    straight to ``image_size x image_size``, as TF-Hub's retraining examples do; with a fraction
+    F, keeping the aspect ratio so that the shorter side is ``image_size / F``, then takes the
+    centred square (:func:`schemas.backbones.crop_box`, computed here in the graph).
     """
     images = tf.image.convert_image_dtype(images, tf.float32)
-    images = tf.image.resize(images, [image_size, image_size], method="bilinear", antialias=True)
-    return tf.clip_by_value(images, VALUE_RANGE[0], VALUE_RANGE[1])
+    if crop_fraction == CROP_SQUASH:
+        resized = tf.image.resize(
+            images, [image_size, image_size], method="bilinear", antialias=True
+        )
+    else:
+        shape = tf.shape(images)
+        height, width = tf.cast(shape[-3], tf.int64), tf.cast(shape[-2], tf.int64)
+        short = tf.constant(crop_side(image_size, crop_fraction), tf.int64)
+        shorter = tf.minimum(width, height)
+        # crop_box's integer arithmetic, so that Pillow and the graph frame alike.
+        scaled_w = (width * short + shorter // 2) // shorter
+        scaled_h = (height * short + shorter // 2) // shorter
+        left, top = (scaled_w - image_size) // 2, (scaled_h - image_size) // 2
+        resized = tf.image.resize(
+            images, tf.cast(tf.stack([scaled_h, scaled_w]), tf.int32), "bilinear", antialias=True
+        )
+        resized = tf.image.crop_to_bounding_box(
+            resized, tf.cast(top, tf.int32), tf.cast(left, tf.int32), image_size, image_size
+        )
+    return tf.clip_by_value(resized, VALUE_RANGE[0], VALUE_RANGE[1])
 
 
 def pixels_to_backbone_input(pixels: tf.Tensor) -> tf.Tensor:
@@ -40,10 +64,12 @@ def decode_image(data: tf.Tensor) -> tf.Tensor:
     return image
 
 
-def decode_to_backbone_input(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
+def decode_to_backbone_input(
+    encoded: tf.Tensor, image_size: int, crop_fraction: float = CROP_SQUASH
+) -> tf.Tensor:
     """Decodes a batch of encoded images (JPEG, PNG, GIF, BMP bytes, shape [N]) to backbone input."""
     return tf.map_fn(
-        lambda data: image_to_backbone_input(decode_image(data), image_size),
+        lambda data: image_to_backbone_input(decode_image(data), image_size, crop_fraction),
         encoded,
         fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.float32),
         parallel_iterations=16,

@@ -192,6 +192,7 @@ def stage_costs(paths: Sequence[str], new_paths: Sequence[str], base_dir: str) -
     """CPU seconds (one thread) of the work an incremental run still does, over every image."""
     from pipeline import dataset, files, images, reuse, sinks
     from schemas import features
+    from schemas.backbones import DEFAULT_CROP_FRACTION
 
     max_bytes = images.DEFAULT_MAX_FILE_BYTES
     data = {}
@@ -249,7 +250,12 @@ def stage_costs(paths: Sequence[str], new_paths: Sequence[str], base_dir: str) -
 
     def reencode_new() -> int:
         for path in new_paths:
-            images.reencode(data[path], max_side=images.DEFAULT_MAX_SIDE, backbone_size=224)
+            images.reencode(
+                data[path],
+                max_side=images.DEFAULT_MAX_SIDE,
+                backbone_size=224,
+                crop_fraction=DEFAULT_CROP_FRACTION,
+            )
         return len(new_paths)
 
     stages = {}

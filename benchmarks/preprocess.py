@@ -265,6 +265,7 @@ def stage_costs(work_dir: str, count: int, spec, batch: int, seconds: float, run
 
     from pipeline import images, inference, sinks
     from schemas import features
+    from schemas.backbones import DEFAULT_CROP_FRACTION
 
     paths = [os.path.join(work_dir, image_relpath(i)) for i in range(count)]
     size = spec.image_size
@@ -287,7 +288,7 @@ def stage_costs(work_dir: str, count: int, spec, batch: int, seconds: float, run
         pixels.clear()
         for path in paths:
             data = read_and_hash(path)
-            encoded = images.reencode(data, backbone_size=size)
+            encoded = images.reencode(data, backbone_size=size, crop_fraction=DEFAULT_CROP_FRACTION)
             reencoded.append(encoded.jpeg)
             pixels.append(encoded.backbone_pixels)
 
@@ -367,6 +368,7 @@ def beam_free_loop(
     from pipeline import images, inference, parallel, sinks, transforms
     from pipeline.records import Row
     from schemas import features
+    from schemas.backbones import DEFAULT_CROP_FRACTION
 
     out_path = out_prefix + features.TFRECORD_SUFFIX
     rows = [
@@ -378,7 +380,11 @@ def beam_free_loop(
     handler = inference.ImageEmbeddingModelHandler(spec, batch, runtime)  # the job's runtime
     model = handler.load_model()
     encode = transforms.EncodeFn(
-        spec.image_size, images.DEFAULT_MAX_PIXELS, None, images.DEFAULT_JPEG_QUALITY
+        spec.image_size,
+        images.DEFAULT_MAX_PIXELS,
+        None,
+        images.DEFAULT_JPEG_QUALITY,
+        crop_fraction=DEFAULT_CROP_FRACTION,  # the job's default framing
     )
     index = {label: i for i, label in enumerate(CLASSES)}
     warm = transforms.hash_and_validate(rows[0], images.DEFAULT_MAX_PIXELS)

@@ -40,7 +40,14 @@ from pipeline.options import StagedJob, add_output_flags, check_inputs_outside, 
 from pipeline.records import ERRORS, error_to_json
 from schemas import csv_format
 from schemas import manifest as manifest_lib
-from schemas.backbones import INFERENCE_RUNTIMES, RUNTIME_AUTO, BackboneSpec, is_builtin
+from schemas.backbones import (
+    CROP_OPTION,
+    DEFAULT_CROP_FRACTION,
+    INFERENCE_RUNTIMES,
+    RUNTIME_AUTO,
+    BackboneSpec,
+    is_builtin,
+)
 from schemas.cli import (
     Parser,
     UsageError,
@@ -49,6 +56,7 @@ from schemas.cli import (
     positive_int,
     positive_int_or_zero,
     report_usage_error,
+    unit_fraction_or_zero,
 )
 from storage import staging
 from storage.locks import DirLock
@@ -110,6 +118,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=images.DEFAULT_MAX_SIDE,
         help="downscale so the longer side is at most this "
         f"(default {images.DEFAULT_MAX_SIDE}; 0 keeps the original size)",
+    )
+    parser.add_argument(
+        f"--{CROP_OPTION}",
+        type=unit_fraction_or_zero(f"--{CROP_OPTION}", "the whole image squashed to a square"),
+        default=DEFAULT_CROP_FRACTION,
+        metavar="F",
+        help="frame each image into the backbone's square input: scale it so its shorter side "
+        "is the input size / F and take the centred square; 0 squashes the whole image "
+        f"instead (default {DEFAULT_CROP_FRACTION}, the ImageNet framing; measured better "
+        "than 0 on hymenoptera and cats-vs-dogs)",
     )
     parser.add_argument(
         "--max_image_pixels",
@@ -194,6 +212,7 @@ class Config:
     precision: str = manifest_lib.PRECISION_FLOAT32
     reuse_from: str | None = None
     train_views: manifest_lib.TrainViews = manifest_lib.TrainViews()
+    crop_fraction: float = DEFAULT_CROP_FRACTION
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,6 +288,7 @@ def parse_config(argv: Sequence[str] | None = None) -> tuple[Config, list[str]]:
         inference_runtime=args.inference_runtime,
         precision=args.precision,
         reuse_from=files.absolute(args.reuse_from) if args.reuse_from else None,
+        crop_fraction=getattr(args, CROP_OPTION),
         train_views=manifest_lib.TrainViews(
             args.train_views, args.view_seed, args.view_crop, args.view_flip
         ),
@@ -361,6 +381,7 @@ def resolve(config: Config, inputs: Inputs, beam_args: Sequence[str] = (), dry_r
             precision=runtime.precision,
             max_image_side=config.max_image_side,
             jpeg_quality=config.jpeg_quality,
+            crop_fraction=config.crop_fraction,
             dry_run=dry_run,
         )
         if plan.skipped:
@@ -452,6 +473,7 @@ def build_pipeline(p: beam.Pipeline, job: Job) -> None:
         max_file_bytes=config.max_file_bytes,
         runtime=job.runtime,
         views=config.train_views,
+        crop_fraction=config.crop_fraction,
         read_stored=read_stored,
     )
 

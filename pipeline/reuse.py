@@ -22,8 +22,9 @@ them; they are this run's only if the earlier run encoded and embedded them as t
 * the precision the backbone ran in (``--precision``: bfloat16 embeddings are within about
   0.997-0.999 cosine of float32's); a manifest from before it was recorded is float32.
 * ``--max_image_side`` and ``--jpeg_quality``: what the stored JPEG is, and the pixels it was
-  embedded from. Other options do not change a stored image: ``--max_image_pixels`` and
-  ``--max_file_bytes`` are checked again on every row (below), the fractions, the label
+  embedded from; ``--crop_fraction``: how those pixels were framed into the backbone's input
+  (a manifest from before it was recorded was squashed, 0). Other options do not change a stored image: ``--max_image_pixels`` and
+  ``--max_file_bytes`` are checked again on every row (below), the split fractions, the label
   dictionary and the batch size only decide labels, splits and batching.
 
 **Views** (``--train_views``, :mod:`pipeline.views`) are not compared at launch: they matter
@@ -80,7 +81,7 @@ from pipeline.progress import Progress
 from pipeline.records import ERRORS, counter
 from schemas import features
 from schemas import manifest as manifest_lib
-from schemas.backbones import BackboneSpec
+from schemas.backbones import CROP_OPTION, CROP_SQUASH, BackboneSpec
 from schemas.cli import UsageError
 from schemas.csv_format import TRAIN
 from schemas.errors import exception_reason
@@ -137,6 +138,7 @@ def mismatch(
     max_image_side: int | None,
     jpeg_quality: int,
     precision: str = manifest_lib.PRECISION_FLOAT32,
+    crop_fraction: float = CROP_SQUASH,
 ) -> str | None:
     """Why the earlier dataset's stored JPEGs and embeddings are not what this run would make,
     or None when they are (see the module docstring for what is compared)."""
@@ -182,6 +184,11 @@ def mismatch(
             f"it was made with --jpeg_quality {options['jpeg_quality']}, "
             f"this run uses {jpeg_quality}"
         )
+    if previous.crop_fraction() != crop_fraction:
+        return (
+            f"its embeddings were framed with --{CROP_OPTION} {previous.crop_fraction():g}, "
+            f"this run uses {crop_fraction:g}"
+        )
     return None
 
 
@@ -194,6 +201,7 @@ def plan(
     max_image_side: int | None,
     jpeg_quality: int,
     precision: str = manifest_lib.PRECISION_FLOAT32,
+    crop_fraction: float = CROP_SQUASH,
     dry_run: bool = False,
 ) -> ReusePlan:
     """Reads ``--reuse_from``'s manifest, compares it with this run and lists its shards.
@@ -216,7 +224,14 @@ def plan(
     except ValueError as e:
         raise UsageError(f"{FLAG}: {e}") from None
     reason = mismatch(
-        previous, backbone, backbone_sha256, runtime, max_image_side, jpeg_quality, precision
+        previous,
+        backbone,
+        backbone_sha256,
+        runtime,
+        max_image_side,
+        jpeg_quality,
+        precision,
+        crop_fraction,
     )
     if reason:
         note = f"{FLAG} {source}: reusing nothing: {reason}"

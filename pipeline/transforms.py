@@ -45,7 +45,7 @@ from pipeline.progress import Progress
 from pipeline.records import ERRORS, SOURCE_CSV, SOURCE_IMAGE_DIR, Row, counter, reject
 from pipeline.views import ViewsModelHandler, reencode_with_views
 from schemas import csv_format, errors, features
-from schemas.backbones import BackboneSpec
+from schemas.backbones import CROP_SQUASH, BackboneSpec
 from schemas.errors import ErrorRecord, exception_reason
 from schemas.manifest import TrainViews
 
@@ -270,8 +270,8 @@ class EncodeFn(ThreadedDoFn):
     """Reads an accepted image again, re-encodes it and prepares the backbone's pixels.
 
     Outputs ``(Encoded, pixels)``: the pixels are the stored image (upright, downscaled as
-    stored) before JPEG compression, resized to the backbone's input size
-    (:func:`pipeline.images.backbone_pixels`). The work runs on a thread pool, overlapping the
+    stored) before JPEG compression, framed into the backbone's input size
+    as ``crop_fraction`` says (:func:`pipeline.images.backbone_pixels`). The work runs on a thread pool, overlapping the
     model. With ``views`` (``--train_views`` > 0) a train image's pixels are its centre and its
     augmented views, ``[1 + K, S, S, 3]`` (:mod:`pipeline.views`).
 
@@ -293,8 +293,10 @@ class EncodeFn(ThreadedDoFn):
         max_file_bytes: int = images.DEFAULT_MAX_FILE_BYTES,
         views: TrainViews | None = None,
         read_stored: Callable[[Any], Iterable] | None = None,
+        crop_fraction: float = CROP_SQUASH,
     ):
         super().__init__(threads, max_in_flight)
+        self._crop_fraction = crop_fraction
         self._read_stored = read_stored
         self._views = views if views is not None and views.count > 0 else None
         self._image_size = image_size
@@ -332,6 +334,7 @@ class EncodeFn(ThreadedDoFn):
             "max_side": self._max_side,
             "quality": self._quality,
             "backbone_size": self._image_size,
+            "crop_fraction": self._crop_fraction,
         }
         try:
             if self._views is not None and accepted.split == csv_format.TRAIN:
@@ -461,6 +464,7 @@ class EncodeAndEmbed(beam.PTransform):
         runtime=None,  # backbones.tflite_runtime.EmbeddingRuntime; None: TensorFlow
         views: TrainViews | None = None,
         read_stored: Callable[[Any], Iterable] | None = None,
+        crop_fraction: float = CROP_SQUASH,
     ):
         super().__init__()
         self._spec = spec
@@ -476,6 +480,7 @@ class EncodeAndEmbed(beam.PTransform):
             max_file_bytes=max_file_bytes,
             views=views,
             read_stored=read_stored,
+            crop_fraction=crop_fraction,
         )
         self._passes_embedded = read_stored is not None
         self._labels = labels

@@ -35,6 +35,7 @@ from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 from PIL import Image
 
 from pipeline import images
+from schemas.backbones import CROP_SQUASH
 from schemas.manifest import VIEW_CROP_AREA, VIEW_CROP_RATIO, TrainViews
 
 FLAG = "--train_views"
@@ -67,8 +68,9 @@ def view_box(
 
     A random resized crop as in Inception/timm: the area fraction is uniform in
     ``VIEW_CROP_AREA``, the aspect-ratio change log-uniform in ``VIEW_CROP_RATIO``, relative to
-    the image's own aspect ratio (the centre view squashes the whole image to a square, so a
-    ratio of 1 keeps the centre's proportions); a box that does not fit is clipped to the image.
+    the image's own aspect ratio (a ratio of 1 keeps the image's proportions, squashed into the
+    square as ``--crop_fraction 0`` frames the centre view; the recipe does not depend on
+    ``--crop_fraction``); a box that does not fit is clipped to the image.
     """
     box = (0.0, 0.0, float(width), float(height))
     if views.crop:
@@ -108,6 +110,7 @@ def reencode_with_views(
     max_side: int | None,
     quality: int,
     backbone_size: int,
+    crop_fraction: float = CROP_SQUASH,
 ) -> tuple[images.EncodedImage, np.ndarray]:
     """:func:`pipeline.images.reencode` and the image's views, from one decode.
 
@@ -119,7 +122,7 @@ def reencode_with_views(
       ImageError: as ``reencode``.
     """
     image = images.decode_rgb(data, max_pixels=max_pixels, max_side=max_side)
-    centre = images.backbone_pixels(image, backbone_size)
+    centre = images.backbone_pixels(image, backbone_size, crop_fraction)
     encoded = images.EncodedImage(
         jpeg=images.encode_jpeg(image, quality),
         height=image.height,

@@ -13,6 +13,17 @@ import dataclasses
 # TF-Hub image modules expect RGB in [0, 1]; normalisation specific to a network lives inside it.
 VALUE_RANGE = (0.0, 1.0)
 
+# How an image is framed into the square input (``--crop_fraction``). 0 squashes the whole
+# image to ``size x size`` (aspect ratio not kept). A fraction F in (0, 1] scales the image,
+# keeping its aspect ratio, so that its shorter side is ``round(size / F)`` pixels, then takes the
+# centred ``size x size`` square: the ImageNet evaluation framing the EfficientNet-Lite weights
+# were measured with at F = 0.875. Every path that feeds a backbone (the preprocessing job, image
+# training, the export) frames by :func:`crop_box`; manifests from before it was recorded were
+# squashed (0).
+CROP_SQUASH = 0.0
+DEFAULT_CROP_FRACTION = 0.875
+CROP_OPTION = "crop_fraction"  # the preprocess flag, as ``Manifest.options`` records it
+
 # Built-in backbones are built locally (no network) into the hubflow cache on first use; their
 # handle names the recipe, and each machine resolves it to its own cache path.
 BUILTIN_SCHEME = "hubflow-builtin://"
@@ -112,3 +123,22 @@ def concat_handle(handles: list[str]) -> str:
 def concat_parts(handle: str) -> list[str]:
     """The part handles of a composite handle, in order."""
     return handle[len(CONCAT_SCHEME) :].split(BACKBONE_SEPARATOR)
+
+
+def crop_side(size: int, crop_fraction: float) -> int:
+    """The shorter side an image is scaled to before its centred ``size`` square is taken."""
+    return max(size, round(size / crop_fraction))
+
+
+def crop_box(width: int, height: int, size: int, crop_fraction: float) -> tuple[int, int, int, int]:
+    """``(scaled width, scaled height, left, top)`` of the centre crop of a ``width x height``
+    image for a ``size`` input at ``crop_fraction`` (> 0; see :data:`DEFAULT_CROP_FRACTION`).
+
+    Integer arithmetic (round half up), so the Pillow and TensorFlow paths agree exactly
+    (``backbones.inputs`` computes the same in the graph).
+    """
+    short = crop_side(size, crop_fraction)
+    shorter = min(width, height)
+    scaled_w = (width * short + shorter // 2) // shorter
+    scaled_h = (height * short + shorter // 2) // shorter
+    return scaled_w, scaled_h, (scaled_w - size) // 2, (scaled_h - size) // 2

@@ -84,3 +84,20 @@ def fraction(flag: str):
         return number
 
     return parse
+
+
+def unit_fraction_or_zero(flag: str, zero_means: str):
+    """An argparse type: a number in (0, 1], or 0 for ``zero_means``."""
+
+    def parse(value: str) -> float:
+        try:
+            number = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} must be a number, got {value!r}") from None
+        if not (number == 0.0 or 0.0 < number <= 1.0):
+            raise argparse.ArgumentTypeError(
+                f"{flag} must be in (0, 1], or 0 for {zero_means}, got {number}"
+            )
+        return number
+
+    return parse

@@ -13,7 +13,7 @@ from typing import Any
 import tensorflow as tf
 
 from schemas import csv_format
-from schemas.backbones import RUNTIME_TENSORFLOW, BackboneSpec
+from schemas.backbones import CROP_OPTION, CROP_SQUASH, RUNTIME_TENSORFLOW, BackboneSpec
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -147,6 +147,11 @@ class Manifest:
     def train_views(self) -> TrainViews:
         """The augmented views its train records hold (``count`` 0: none)."""
         return TrainViews.from_options(self.options)
+
+    def crop_fraction(self) -> float:
+        """How its images were framed into the backbone's input (``--crop_fraction``; 0:
+        squashed, as every dataset made before the flag was)."""
+        return float(self.options.get(CROP_OPTION, CROP_SQUASH))
 
     def split_count(self, split: str) -> int:
         return int(self.splits.get(split, {}).get("count", 0))

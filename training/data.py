@@ -295,7 +295,11 @@ def embedding_normalization(data_dir: str, embedding_dim: int) -> tuple[np.ndarr
 def image_preprocessor(
     config: TrainConfig, manifest: manifest_lib.Manifest
 ) -> tuple[Callable[[tf.Tensor], tf.Tensor], tuple[int, int, int]]:
-    """``encoded bytes (scalar) -> float32 image in [0, 1]`` for the model, and its shape."""
+    """``encoded bytes (scalar) -> float32 image in [0, 1]`` for the model, and its shape.
+
+    The backbone's input is framed as the dataset's embeddings were (``--crop_fraction``, from
+    the manifest), so image training and the export see what the stored embeddings saw.
+    """
     if config.from_scratch:
         size, channels = config.image_size, config.channels
 
@@ -304,10 +308,10 @@ def image_preprocessor(
             return tf.image.rgb_to_grayscale(image) if channels == 1 else image
 
         return scratch, (size, size, channels)
-    size = manifest.backbone.image_size
+    size, crop_fraction = manifest.backbone.image_size, manifest.crop_fraction()
 
     def backbone_input(data: tf.Tensor) -> tf.Tensor:
-        return image_to_backbone_input(decode_image(data), size)
+        return image_to_backbone_input(decode_image(data), size, crop_fraction)
 
     return backbone_input, (size, size, 3)
 

@@ -3,8 +3,8 @@
 The TFLite model is the serving model of the export (an embedding head is stitched to its
 backbone first, so it always takes images) without the decoding: one float32 image
 ``[1, S, S, C]`` in, as the export's decode function produces it from image bytes (for a
-backbone: RGB resized to its input size, values in its value range, see
-:mod:`backbones.inputs`), and probabilities ``[1, num_labels]`` out, in the order of the run's
+backbone: RGB framed into its input size as the dataset's ``--crop_fraction`` says, values in
+its value range, see :mod:`backbones.inputs`), and probabilities ``[1, num_labels]`` out, in the order of the run's
 ``labels.txt`` next to it. Decoding and resizing are the app's side of the contract.
 
 ``--quantize int8`` quantizes weights and activations to int8, calibrated on up to
@@ -40,7 +40,7 @@ import tf_keras
 
 from evaluation import metrics
 from schemas import csv_format, features, serving
-from schemas.backbones import VALUE_RANGE
+from schemas.backbones import CROP_SQUASH, VALUE_RANGE
 from schemas.manifest import LABELS_FILE
 from storage.fileops import basename, join
 from training import data
@@ -246,6 +246,9 @@ def export_tflite(
             "shape": [int(n) for n in classifier.input["shape"]],
             "dtype": np.dtype(classifier.input["dtype"]).name,
             "value_range": list(value_range),
+            # How the app frames an image into it: 0 squashed, F the centred square of F x the
+            # shorter side (schemas.backbones.crop_box); from-scratch nets squash.
+            "crop_fraction": CROP_SQUASH if config.from_scratch else manifest.crop_fraction(),
         },
         "size_bytes": len(content),
         **classifier.op_counts(),
