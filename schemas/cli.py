@@ -98,6 +98,6 @@ def unit_fraction_or_zero(flag: str, zero_means: str):
             raise argparse.ArgumentTypeError(
                 f"{flag} must be in (0, 1], or 0 for {zero_means}, got {number}"
             )
-        return number
+        return 0.0 if number == 0.0 else number  # -0 too
 
     return parse

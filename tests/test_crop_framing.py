@@ -93,8 +93,10 @@ def test_the_default_is_the_centre_crop_and_0_squashes(tmp_path):
     config, _ = preprocess.parse_config(args)
     assert config.crop_fraction == DEFAULT_CROP_FRACTION == 0.875
     assert config.options[CROP_OPTION] == 0.875  # what the manifest records
-    config, _ = preprocess.parse_config([*args, "--crop_fraction=0"])
-    assert config.crop_fraction == CROP_SQUASH
+    for zero in ("0", "-0"):
+        config, _ = preprocess.parse_config([*args, f"--crop_fraction={zero}"])
+        assert config.crop_fraction == CROP_SQUASH
+        assert str(config.options[CROP_OPTION]) == "0.0"  # not "-0.0" in the manifest
 
 
 def _manifest(tmp_path, options: dict) -> manifest_lib.Manifest:
