@@ -101,7 +101,15 @@ def test_tflite_takes_images_and_matches_the_savedmodel(mode, quantize, data_dir
     assert section["compared_with"] == os.path.join("export", "1")
     calibration = min(tflite.REPRESENTATIVE_IMAGES, manifest.split_count(csv_format.TRAIN))
     assert section["representative_images"] == (0 if quantize == "none" else calibration)
-    assert section["input"] == {"shape": input_shape, "dtype": "float32", "value_range": [0, 1]}
+    # How an app frames an image for it: as the dataset did; a from-scratch net squashes.
+    framing = 0.0 if mode == "linear" else manifest.crop_fraction()
+    assert manifest.crop_fraction() == 0.875  # the job's default, recorded
+    assert section["input"] == {
+        "shape": input_shape,
+        "dtype": "float32",
+        "value_range": [0, 1],
+        "crop_fraction": framing,
+    }
     assert section["savedmodel_test_accuracy"] >= 0.9
     assert abs(section["test_accuracy"] - section["savedmodel_test_accuracy"]) <= 0.01
     assert section["within_tolerance"] and section["agreement"] == 1.0
