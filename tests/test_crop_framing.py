@@ -56,10 +56,13 @@ def test_centre_crop_leaves_out_the_edges_that_squashing_keeps():
 
 
 @pytest.mark.parametrize("crop_fraction", [0.875, 1.0, 0.5])
-@pytest.mark.parametrize("size", [(500, 375), (375, 500), (224, 224), (100, 80), (1201, 899)])
+@pytest.mark.parametrize(
+    "size", [(500, 375), (375, 500), (224, 224), (100, 80), (1201, 899), (2400, 24)]
+)
 def test_job_and_serving_frame_the_same_pixels(size, crop_fraction):
     """Pillow (the job) and the graph (image training, the export) crop the same box and stay
-    within the ~1/255 of the squash path."""
+    within the ~1/255 of the squash path; a 100:1 panorama too (both compute only the crop's
+    square: scaled whole, it would be 44,800 x 448 pixels at 0.5)."""
     rng = np.random.default_rng(sum(size))
     w, h = size
     yy, xx = np.mgrid[0:h, 0:w]
