@@ -10,8 +10,9 @@ baseline) and embedded with the TFLite model the job runs (``backbones.tflite_ru
 The choice is made on the ``train/`` photos alone, never on a test split:
 - all labels: repeated stratified k-fold cross-validation (``--repeats`` x ``--folds``, the
   same folds for every fraction);
-- few labels: ``--few_label_draws`` draws of ``--few_label_k`` photos per class (the same draws
-  for every fraction), scored on the rest of ``train/``.
+- few labels: ``--few_label_draws`` draws of ``--few_label_k`` photos per class (the trainer's
+  ``--examples_per_class`` sampler, ``training.sampling``; the same draws for every fraction),
+  scored on the rest of ``train/``.
 Two classifiers on the embeddings: a logistic regression on standardised features (C = 0.1,
 ``sklearn``) and the nearest class mean by cosine (what the trainer's cosine head starts from).
 
@@ -98,6 +99,8 @@ CLASSIFIERS = {"logistic": logistic, "class_mean": class_mean}
 def run_dataset(name: str, args, embedder, size: int) -> dict:
     from sklearn.model_selection import RepeatedStratifiedKFold
 
+    from training import sampling
+
     root, train_folder, test_folder = DATASETS[name]
     train_paths, train_y, labels = list_photos(root, train_folder)
     test_paths, test_y, test_labels = list_photos(root, test_folder)
@@ -115,16 +118,11 @@ def run_dataset(name: str, args, embedder, size: int) -> dict:
         n_splits=args.folds, n_repeats=args.repeats, random_state=args.seed
     )
     folds = list(splitter.split(train_y, train_y))
-    rng = np.random.default_rng(args.seed)
-    draws = []
+    # The trainer's own --examples_per_class draw, subsample seeds seed .. seed + draws - 1.
     everyone = np.arange(len(train_y))
-    for _ in range(args.few_label_draws):
-        picked = np.concatenate(
-            [
-                rng.choice(everyone[train_y == c], args.few_label_k, replace=False)
-                for c in np.unique(train_y)
-            ]
-        )
+    draws = []
+    for draw in range(args.few_label_draws):
+        picked = sampling.per_class_indices(train_y, args.few_label_k, args.seed + draw)
         draws.append((picked, np.setdiff1d(everyone, picked)))
 
     result = {"train_photos": len(train_y), "test_photos": len(test_y), "fractions": {}}
