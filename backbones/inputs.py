@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from schemas.backbones import CROP_SQUASH, VALUE_RANGE, crop_side
+from schemas.backbones import CROP_SQUASH, VALUE_RANGE, crop_box
 
 
 def image_to_backbone_input(
@@ -23,7 +23,7 @@ def image_to_backbone_input(
     Scales to float32 ``[0, 1]`` and resizes (bilinear, antialiased): with ``crop_fraction`` 0
     straight to ``image_size x image_size``, as TF-Hub's retraining examples do; with a fraction
     F, keeping the aspect ratio so that the shorter side is ``image_size / F``, then takes the
-    centred square (:func:`schemas.backbones.crop_box`, computed here in the graph).
+    centred square (:func:`schemas.backbones.crop_box`, on tensors here).
     """
     images = tf.image.convert_image_dtype(images, tf.float32)
     if crop_fraction == CROP_SQUASH:
@@ -33,12 +33,9 @@ def image_to_backbone_input(
     else:
         shape = tf.shape(images)
         height, width = tf.cast(shape[-3], tf.int64), tf.cast(shape[-2], tf.int64)
-        short = tf.constant(crop_side(image_size, crop_fraction), tf.int64)
-        shorter = tf.minimum(width, height)
-        # crop_box's integer arithmetic, so that Pillow and the graph frame alike.
-        scaled_w = (width * short + shorter // 2) // shorter
-        scaled_h = (height * short + shorter // 2) // shorter
-        left, top = (scaled_w - image_size) // 2, (scaled_h - image_size) // 2
+        scaled_w, scaled_h, left, top = crop_box(
+            width, height, image_size, crop_fraction, minimum=tf.minimum
+        )
         # The op behind resize(antialias=True), asked for the crop's square only: the pixels
         # of scaling the whole image and cropping (within 1e-4), without materialising the
         # scaled image (for a 100:1 panorama that would be 30,000 x 297 floats).

@@ -130,15 +130,16 @@ def crop_side(size: int, crop_fraction: float) -> int:
     return max(size, round(size / crop_fraction))
 
 
-def crop_box(width: int, height: int, size: int, crop_fraction: float) -> tuple[int, int, int, int]:
+def crop_box(width, height, size: int, crop_fraction: float, minimum=min):
     """``(scaled width, scaled height, left, top)`` of the centre crop of a ``width x height``
     image for a ``size`` input at ``crop_fraction`` (> 0; see :data:`DEFAULT_CROP_FRACTION`).
 
-    Integer arithmetic (round half up), so the Pillow and TensorFlow paths agree exactly
-    (``backbones.inputs`` computes the same in the graph).
+    Integer arithmetic (round half up) on Python ints, or on integer tensors with
+    ``minimum=tf.minimum``: the Pillow path and the graph (``backbones.inputs``) compute the
+    same box from this one definition.
     """
     short = crop_side(size, crop_fraction)
-    shorter = min(width, height)
+    shorter = minimum(width, height)
     scaled_w = (width * short + shorter // 2) // shorter
     scaled_h = (height * short + shorter // 2) // shorter
     return scaled_w, scaled_h, (scaled_w - size) // 2, (scaled_h - size) // 2

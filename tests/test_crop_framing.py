@@ -102,7 +102,7 @@ def test_the_default_is_the_centre_crop_and_0_squashes(tmp_path):
         assert str(config.options[CROP_OPTION]) == "0.0"  # not "-0.0" in the manifest
 
 
-def _manifest(tmp_path, options: dict) -> manifest_lib.Manifest:
+def _manifest(options: dict) -> manifest_lib.Manifest:
     backbone = {"name": "tiny", "handle": "/m", "image_size": 32, "embedding_dim": 16}
     data = {
         "schema_version": manifest_lib.SCHEMA_VERSION,
@@ -117,10 +117,10 @@ def _manifest(tmp_path, options: dict) -> manifest_lib.Manifest:
     return manifest_lib.Manifest.from_json(json.loads(json.dumps(data)))
 
 
-def test_a_dataset_from_before_the_flag_reads_as_squashed_and_is_not_reused(tmp_path):
-    old = _manifest(tmp_path, {})
+def test_a_dataset_from_before_the_flag_reads_as_squashed_and_is_not_reused():
+    old = _manifest({})
     assert old.crop_fraction() == CROP_SQUASH
-    assert _manifest(tmp_path, {CROP_OPTION: 0.875}).crop_fraction() == 0.875
+    assert _manifest({CROP_OPTION: 0.875}).crop_fraction() == 0.875
     # An incremental run that frames otherwise reuses nothing, and says why.
     args = (old, old.backbone, "ab" * 32, "tensorflow", 512, 95)
     assert reuse.mismatch(*args, crop_fraction=CROP_SQUASH) is None
