@@ -119,6 +119,26 @@ def test_summary_names_the_choice(data_dir, tmp_path, capsys):
 # --- --examples_per_class -------------------------------------------------------------------
 
 
+def test_fit_head_returns_the_head_its_eval_loss_was_measured_on(data_dir, tmp_path):
+    # benchmarks.head_grid scores the fitted candidate on held-out data: the head it gets back
+    # must be the best-eval-loss weights the recorded figures describe, not the last epoch's.
+    config = _config(data_dir, tmp_path, "--epochs=40", "--classifier=cosine")
+    dataset = data.load(config)
+    train = data.embedding_arrays(config, dataset, csv_format.TRAIN)
+    evaluation = data.embedding_arrays(config, dataset, csv_format.EVAL)
+    head, result = tuning.fit_head(config, dataset, train, evaluation)
+    probabilities = head.predict(evaluation[0], verbose=0)
+    picked = probabilities[np.arange(len(evaluation[1])), evaluation[1]]
+    assert float(-np.mean(np.log(picked))) == pytest.approx(result["eval_loss"], rel=1e-4)
+    assert float(np.mean(probabilities.argmax(1) == evaluation[1])) == pytest.approx(
+        result["eval_accuracy"]
+    )
+    assert tuning.fit_candidate(config, dataset, train, evaluation) == {
+        **result,
+        "seconds": pytest.approx(result["seconds"], abs=60),
+    }
+
+
 def _train_split(data_dir):
     manifest = manifest_lib.read_manifest(data_dir)
     files = data.split_files(data_dir, csv_format.TRAIN)

@@ -139,6 +139,16 @@ def fit_candidate(
     ``train`` may hold each example's centre and views (``[N, 1 + K, D]``): the batches then
     sample one per example and epoch, as the head stage's do (:func:`training.data.batches`).
     """
+    return fit_head(config, dataset, train, evaluation)[1]
+
+
+def fit_head(
+    config: TrainConfig,
+    dataset: data.Dataset,
+    train: tuple[np.ndarray, np.ndarray],
+    evaluation: tuple[np.ndarray, np.ndarray],
+) -> tuple[tf_keras.Model, dict[str, Any]]:
+    """:func:`fit_candidate`'s head (with its best-eval-loss weights restored) and results."""
     started = time.monotonic()
     num_classes = len(dataset.manifest.labels)
     tf_keras.utils.set_random_seed(config.seed)  # the trainer seeds, then builds its datasets
@@ -170,7 +180,7 @@ def fit_candidate(
     )
     losses = fitted.history[checkpoints.EVAL_LOSS]
     best = int(np.argmin(losses))  # the epoch whose weights early stopping restored
-    return {
+    return head, {
         "eval_loss": float(losses[best]),
         "eval_accuracy": float(fitted.history["val_accuracy"][best]),
         "best_epoch": best + 1,
