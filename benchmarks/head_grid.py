@@ -89,11 +89,12 @@ def partition(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, np
     return fit, select, holdout
 
 
-def holdout_scores(head, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """Accuracy and mean cross-entropy of the head's probabilities on ``(x, y)``."""
-    probabilities = head.predict(x, batch_size=4096, verbose=0)
-    picked = np.clip(probabilities[np.arange(len(y)), y], 1e-12, 1.0)
-    return float(np.mean(probabilities.argmax(1) == y)), float(-np.mean(np.log(picked)))
+def holdout_scores(head, x: np.ndarray, y: np.ndarray, labels) -> tuple[float, float]:
+    """Accuracy and mean cross-entropy of the head on ``(x, y)``, as the trainer reports them."""
+    from evaluation.metrics import classification_report
+
+    report = classification_report(y, head.predict(x, batch_size=4096, verbose=0), labels)
+    return report["accuracy"], report["loss"]
 
 
 def candidate_list():
@@ -123,7 +124,7 @@ def run_dataset(name: str, data_dir: str, args) -> dict:
         train_x, train_y = data.embedding_arrays(config, dataset, "train")
         eval_x, eval_y = data.embedding_arrays(config, dataset, "eval")
     x, y = np.concatenate([train_x, eval_x]), np.concatenate([train_y, eval_y])
-    candidates, grids = candidate_list()
+    candidates, _ = candidate_list()
     common.log(f"  {name}: {len(y)} train + eval examples, labels {np.bincount(y).tolist()}")
     rows = []
     for regime, k in (("all", None), (f"{args.few_label_k}/class", args.few_label_k)):
@@ -143,7 +144,9 @@ def run_dataset(name: str, data_dir: str, args) -> dict:
                     (x[fit], y[fit]),
                     (x[select], y[select]),
                 )
-                accuracy, loss = holdout_scores(head, x[holdout], y[holdout])
+                accuracy, loss = holdout_scores(
+                    head, x[holdout], y[holdout], dataset.manifest.labels
+                )
                 rows.append(
                     {
                         "regime": regime,
